@@ -1,0 +1,95 @@
+"""Checkpoints: versioned dicts of plain data, written atomically, read with weights_only=True.
+
+Layout (version 1)::
+
+    format       "cifar10-resnet50/checkpoint"
+    version      1
+    model_meta   classes, image size, normalisation, weights used (see model.model_meta)
+    model        the Classifier's state dict
+    config       the resolved run config, as a dict
+    versions     torch / torchvision / cifar10_resnet50 versions that wrote it
+    train_state  (training checkpoints only) optimizer, scheduler, grad scaler, RNG states,
+                 position (epoch, batch, step), best validation accuracy, partial-epoch sums
+
+Loading with ``weights_only=True`` means a checkpoint can never run code on load.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import UserError, first_line
+from .fileio import atomic_open
+from .model import Classifier, from_meta
+
+log = logging.getLogger(__name__)
+
+FORMAT = "cifar10-resnet50/checkpoint"
+VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    return {
+        "torch": str(torch.__version__),  # TorchVersion is not a plain str (weights_only)
+        "torchvision": str(torchvision.__version__),
+        "cifar10_resnet50": __version__,
+    }
+
+
+def _non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    return [
+        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically; refuse model weights with NaN/inf."""
+    bad = _non_finite(payload["model"])
+    if bad:
+        raise UserError(
+            f"refusing to write {path}: non-finite values in {bad[:3]}; training diverged — "
+            "lower --lr or use --precision fp32"
+        )
+    blob = {"format": FORMAT, "version": VERSION, "versions": versions(), **payload}
+    with atomic_open(path) as f:
+        torch.save(blob, f)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read and check a checkpoint; any problem is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, disallowed pickle globals
+        raise UserError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)})"
+        ) from e
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise UserError(f"{path} is not a cifar10-resnet50 checkpoint")
+    if blob.get("version") != VERSION:
+        raise UserError(
+            f"{path} is checkpoint version {blob.get('version')}; this release reads version "
+            f"{VERSION}. Use the cifar10-resnet50 release that wrote it."
+        )
+    return blob
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
+    """The trained model in eval mode, plus its ``model_meta``."""
+    blob = load(path)
+    meta = blob["model_meta"]
+    model = from_meta(meta)
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit the model it describes ({e})") from e
+    return model.to(device).eval(), meta

@@ -1,0 +1,372 @@
+"""The ``cifar10-resnet50`` command line.
+
+Only this module prints. Heavy imports (torch) happen inside the command handlers, so
+``--help`` answers in a fraction of a second.
+
+Exit codes: 0 success; 1 unexpected failure (a bug: please report it with ``--debug``);
+2 bad input (flags, files, data, checkpoints; the message says how to fix it);
+130 interrupted (training saved ``last`` first: ``--resume`` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from . import __version__
+from .config import OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, Config
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, UserError
+
+S = argparse.SUPPRESS  # only flags the user gives reach the config; defaults live in config.py
+
+# (flag, config key, argparse keywords). Defaults are documented from config.py, not here.
+TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    (
+        "--data-dir",
+        "data.data_dir",
+        {
+            "metavar": "DIR",
+            "help": "folder holding cifar-10-batches-py/ (else $CIFAR10_DATA_DIR, else the user cache)",
+        },
+    ),
+    (
+        "--no-download",
+        "data.download",
+        {
+            "action": "store_false",
+            "help": "fail instead of downloading CIFAR-10 when it is missing",
+        },
+    ),
+    (
+        "--val-size",
+        "data.val_size",
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "stratified validation hold-out from train for model selection (default 5000; 0 = none)",
+        },
+    ),
+    (
+        "--subset",
+        "data.subset",
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "train on the first N training images only (quick runs)",
+        },
+    ),
+    (
+        "--weights",
+        "model.weights",
+        {
+            "metavar": "W",
+            "help": "imagenet (IMAGENET1K_V2, default) | imagenet-v1 | none | PATH to a torchvision resnet50 .pth",
+        },
+    ),
+    (
+        "--image-size",
+        "model.image_size",
+        {
+            "type": int,
+            "metavar": "PX",
+            "help": "resolution the 32 px images are resized to inside the model (default: 160 on GPU, 64 on CPU)",
+        },
+    ),
+    (
+        "--strategy",
+        "train.strategy",
+        {
+            "choices": STRATEGIES,
+            "help": "full (default): all layers, backbone at a lower lr; linear: head only, frozen BatchNorm; gradual: head first, then all",
+        },
+    ),
+    ("--epochs", "train.epochs", {"type": int, "help": "default: 10 on GPU, 2 on CPU"}),
+    ("--batch-size", "train.batch_size", {"type": int, "help": "default 128"}),
+    (
+        "--freeze-epochs",
+        "train.freeze_epochs",
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "gradual: epochs with the backbone frozen (default 1)",
+        },
+    ),
+    (
+        "--seed",
+        "train.seed",
+        {"type": int, "help": "default 0; fixes split, init, order and augmentation"},
+    ),
+    (
+        "--device",
+        "train.device",
+        {"choices": ("auto", "cpu", "cuda"), "help": "default auto (cuda if available)"},
+    ),
+    (
+        "--precision",
+        "train.precision",
+        {
+            "choices": PRECISIONS,
+            "help": "default auto: bf16 where fast (modern GPUs and CPUs), fp16+grad scaler on older GPUs, else fp32",
+        },
+    ),
+    (
+        "--compile",
+        "train.compile",
+        {
+            "action": "store_true",
+            "help": "torch.compile the model (faster steps after a compile of ~1 min)",
+        },
+    ),
+    (
+        "--no-channels-last",
+        "train.channels_last",
+        {"action": "store_false", "help": "keep NCHW memory layout"},
+    ),
+    ("--out", "train.out", {"metavar": "RUN_DIR", "help": "run folder (default runs/<date-time>)"}),
+    (
+        "--checkpoint-every",
+        "train.checkpoint_every",
+        {
+            "type": int,
+            "metavar": "STEPS",
+            "help": "also save last.pt every N steps (default: each epoch end)",
+        },
+    ),
+    ("--no-progress", "train.progress", {"action": "store_false", "help": "no progress bars"}),
+    (
+        "--optimizer",
+        "optim.optimizer",
+        {"choices": OPTIMIZERS, "help": "sgd (Nesterov, default) or adamw"},
+    ),
+    (
+        "--lr",
+        "optim.lr",
+        {"type": float, "help": "peak lr of the head (default 0.1 SGD, 1e-3 AdamW)"},
+    ),
+    (
+        "--backbone-lr-scale",
+        "optim.backbone_lr_scale",
+        {
+            "type": float,
+            "metavar": "X",
+            "help": "backbone lr = lr × X for pretrained weights (default 0.1)",
+        },
+    ),
+    ("--momentum", "optim.momentum", {"type": float, "help": "SGD momentum (default 0.9)"}),
+    (
+        "--weight-decay",
+        "optim.weight_decay",
+        {
+            "type": float,
+            "metavar": "WD",
+            "help": "default 5e-4 SGD, 0.05 AdamW; never on BatchNorm or biases",
+        },
+    ),
+    (
+        "--schedule",
+        "optim.schedule",
+        {"choices": SCHEDULES, "help": "cosine (after warm-up, default) or onecycle"},
+    ),
+    (
+        "--warmup",
+        "optim.warmup",
+        {
+            "type": float,
+            "metavar": "FRAC",
+            "help": "linear warm-up as a fraction of all steps (default 0.05)",
+        },
+    ),
+    (
+        "--grad-clip",
+        "optim.grad_clip",
+        {"type": float, "metavar": "NORM", "help": "max gradient norm (default 5; 0 = off)"},
+    ),
+    (
+        "--label-smoothing",
+        "optim.label_smoothing",
+        {"type": float, "metavar": "EPS", "help": "default 0.1"},
+    ),
+    (
+        "--crop-padding",
+        "augment.crop_padding",
+        {"type": int, "metavar": "PX", "help": "random-crop padding at 32 px (default 4; 0 = off)"},
+    ),
+    ("--no-flip", "augment.flip", {"action": "store_false", "help": "no random horizontal flips"}),
+    (
+        "--mixup",
+        "augment.mixup",
+        {"type": float, "metavar": "ALPHA", "help": "mixup Beta(α,α) (default 0 = off)"},
+    ),
+    (
+        "--cutmix",
+        "augment.cutmix",
+        {"type": float, "metavar": "ALPHA", "help": "CutMix Beta(α,α) (default 0 = off)"},
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cifar10-resnet50",
+        description="Fine-tune an ImageNet ResNet-50 on CIFAR-10; evaluate it.",
+        epilog="Exit codes: 0 ok, 1 unexpected failure, 2 bad input, 130 interrupted.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser(
+        "data",
+        help="download, verify or describe CIFAR-10",
+        description="Get and check CIFAR-10 (official archive or a local copy).",
+    )
+    d.add_argument("action", choices=("download", "verify", "info"))
+    d.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder holding cifar-10-batches-py/ (else $CIFAR10_DATA_DIR, else the user cache)",
+    )
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune ResNet-50 on CIFAR-10",
+        description="Fine-tune ResNet-50 on CIFAR-10, then evaluate the best checkpoint on the test set. "
+        "Defaults: see src/cifar10_resnet50/config.py and the README.",
+    )
+    t.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML or JSON file with [data] [model] [optim] [augment] [train] sections; flags override it",
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.pt, with its saved settings",
+    )
+    for flag, key, kwargs in TRAIN_FLAGS:
+        if "action" not in kwargs and "choices" not in kwargs:
+            kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
+        t.add_argument(flag, dest=key, default=S, **kwargs)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="test-set accuracy, per-class accuracy, confusion matrix",
+        description="Evaluate a checkpoint on the CIFAR-10 test set.",
+    )
+    e.add_argument("checkpoint", metavar="CHECKPOINT")
+    e.add_argument("--data-dir", metavar="DIR")
+    e.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where metrics.json and confusion.{json,png} go (default: CHECKPOINT's folder/eval)",
+    )
+    e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    e.add_argument("--precision", choices=PRECISIONS, default="auto")
+    e.add_argument("--batch-size", type=int, default=500)
+    return p
+
+
+def _train_config(args: argparse.Namespace) -> Config:
+    from . import config as config_lib
+
+    explicit = {key: getattr(args, key) for _, key, _ in TRAIN_FLAGS if hasattr(args, key)}
+    if args.resume:
+        if "train.out" not in explicit:
+            raise UserError("--resume needs --out RUN_DIR (the folder of the run to continue)")
+        from pathlib import Path
+
+        from . import checkpoint
+
+        last = Path(explicit["train.out"]) / "last.pt"
+        base = config_lib.from_dict(checkpoint.load(last)["config"])
+    elif args.config:
+        base = config_lib.load_file(args.config)
+    else:
+        base = Config()
+    return config_lib.override(base, explicit)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from . import data
+
+    root = data.resolve_data_dir(args.data_dir)
+    if args.action == "download":
+        data.download(root, progress=not args.no_progress)
+        print(data.verify(root).describe())
+    elif args.action == "verify":
+        print(data.verify(root).describe())
+    else:
+        arrays = data.load(root)
+        print(f"location    {root / data.BATCH_DIR}")
+        print(
+            f"train       {tuple(arrays.train_x.shape)} uint8, labels {tuple(arrays.train_y.shape)}"
+        )
+        print(
+            f"test        {tuple(arrays.test_x.shape)} uint8, labels {tuple(arrays.test_y.shape)}"
+        )
+        print(f"classes     {', '.join(arrays.classes)}")
+        print(f"cache       {data.user_cache_dir() / 'tensors'}")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import train
+
+    result = train.run(_train_config(args), resume=args.resume)
+    if result.stopped_early:
+        print(f"stopped; continue with: cifar10-resnet50 train --resume --out {result.out_dir}")
+        return EXIT_INTERRUPTED
+    if result.best_val_acc is not None:
+        print(f"best validation accuracy {100 * result.best_val_acc:.2f}%  → {result.best}")
+    print(f"last checkpoint {result.last}")
+    if result.test is not None:
+        print()
+        print(result.test.table())
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    report = evaluate.run(
+        args.checkpoint,
+        data_dir=args.data_dir,
+        out_dir=args.out,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        tta_flip=args.tta,
+    )
+    print(report.table())
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    handler = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate}[args.command]
+    try:
+        return handler(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if args.debug:
+            raise
+        print(
+            f"unexpected error: {type(e).__name__}: {e} (rerun with --debug for details)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE

@@ -1,0 +1,138 @@
+"""Evaluation: logits over a tensor of images, metrics, and the ``evaluate`` command."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data
+from .fileio import write_json
+from .runtime import autocast, pick_device, pick_precision
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool = True,
+    tta_flip: bool = False,
+) -> torch.Tensor:
+    """Logits ``float32 [N,C]`` on the CPU for uint8 ``images [N,3,H,W]`` (any device).
+
+    With ``tta_flip`` the logits of each image and its mirror image are averaged.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        xb = images[i : i + batch_size].to(device, non_blocking=True)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(xb).float()
+            if tta_flip:
+                logits = (logits + model(xb.flip(3)).float()) / 2
+        out.append(logits.cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class)."""
+    labels = labels.cpu()
+    pred = logits.argmax(1)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
+    return {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "accuracy": float((pred == labels).double().mean()),
+        "per_class_accuracy": per_class.tolist(),
+        "confusion": confusion.tolist(),
+        "count": len(labels),
+    }
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    checkpoint: Path
+    out_dir: Path
+    metrics: dict[str, Any]
+    classes: list[str]
+    tta: bool
+
+    def table(self) -> str:
+        m = self.metrics
+        lines = [
+            f"checkpoint {self.checkpoint}",
+            f"test images {m['count']}   TTA {'flip' if self.tta else 'off'}",
+            f"accuracy    {100 * m['accuracy']:.2f}%",
+            f"loss        {m['loss']:.4f}",
+            "",
+            f"{'class':<12}{'accuracy':>9}",
+        ]
+        for name, acc in zip(self.classes, m["per_class_accuracy"], strict=True):
+            lines.append(f"{name:<12}{100 * acc:>8.1f}%")
+        lines.append("")
+        lines.append(f"confusion matrix: {self.out_dir / 'confusion.png'} (and .json)")
+        return "\n".join(lines)
+
+
+def run(
+    checkpoint_path: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 500,
+    tta_flip: bool = False,
+    plot: bool = True,
+) -> EvalReport:
+    """Evaluate a checkpoint on the CIFAR-10 test set and write metrics.json/confusion.*."""
+    checkpoint_path = Path(checkpoint_path)
+    dev = pick_device(device)
+    amp = pick_precision(precision, dev)
+    model, meta = checkpoint.load_model(checkpoint_path, dev)
+    model = model.to(memory_format=torch.channels_last)
+    root = data.resolve_data_dir(data_dir)
+    arrays = data.load(root)
+    logits = predict_logits(
+        model, arrays.test_x, batch_size=batch_size, device=dev, amp_dtype=amp, tta_flip=tta_flip
+    )
+    result = metrics(logits, arrays.test_y, meta["num_classes"])
+    out = Path(out_dir) if out_dir else checkpoint_path.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    classes = list(meta["classes"])
+    write_json(
+        out / "metrics.json",
+        {
+            "checkpoint": str(checkpoint_path),
+            "tta": "flip" if tta_flip else "none",
+            "precision": str(amp).replace("torch.", "") if amp else "fp32",
+            "classes": classes,
+            **{k: v for k, v in result.items() if k != "confusion"},
+        },
+    )
+    write_json(
+        out / "confusion.json", {"classes": classes, "rows_true_cols_pred": result["confusion"]}
+    )
+    if plot:
+        from .plots import confusion_png
+
+        with contextlib.suppress(ImportError):
+            confusion_png(result["confusion"], classes, out / "confusion.png")
+    log.info("test accuracy %.2f%% (%d images)", 100 * result["accuracy"], result["count"])
+    return EvalReport(checkpoint_path, out, result, classes, tta_flip)
