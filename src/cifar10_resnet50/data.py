@@ -156,7 +156,7 @@ def safe_extract(archive: Path, dest_root: Path) -> Path:
     Files are extracted into a temporary folder that is renamed into place at the end.
     """
     try:
-        tar = tarfile.open(archive, "r:*")
+        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed by the with below)
     except (tarfile.TarError, OSError) as e:
         raise UserError(
             f"{archive} is not a readable tar archive ({e}); delete it and retry"

@@ -196,7 +196,7 @@ def run(
     resume: bool = False,
     final_eval: bool = True,
     stop_after_steps: int | None = None,
-    process: Process = Process(),
+    process: Process | None = None,
 ) -> TrainResult:
     """Train as ``cfg`` says; returns where the checkpoints are and the final test report.
 
@@ -204,6 +204,7 @@ def run(
     optimizer steps in total: the tests use it to interrupt a run deterministically.
     """
     # ---- device, config, run folder
+    process = process or Process.from_env()
     device = pick_device(cfg.train.device)
     cfg = resolve(cfg, device.type)
     amp_dtype = pick_precision(cfg.train.precision, device)

@@ -1,0 +1,107 @@
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from cifar10_resnet50 import checkpoint
+from cifar10_resnet50 import model as M
+from cifar10_resnet50.errors import UserError
+
+
+def _payload(net):
+    return {"model_meta": M.model_meta("none", 32), "model": net.state_dict(), "config": {"x": 1}}
+
+
+def test_round_trip_with_weights_only_gives_the_same_model(tmp_path):
+    net = M.build("none", 32).eval()
+    path = tmp_path / "m.pt"
+    checkpoint.save(path, _payload(net))
+    raw = torch.load(path, weights_only=True)  # plain data only
+    assert raw["format"] == checkpoint.FORMAT and raw["version"] == checkpoint.VERSION
+    assert set(raw["versions"]) == {"torch", "torchvision", "cifar10_resnet50"}
+    loaded, meta = checkpoint.load_model(path)
+    assert meta["classes"][0] == "airplane" and meta["image_size"] == 32
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    net = M.build("none", 32)
+    with torch.no_grad():
+        net.net.fc.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="non-finite"):
+        checkpoint.save(tmp_path / "m.pt", _payload(net))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch):
+    net = M.build("none", 32)
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, _payload(net))
+    before = path.read_bytes()
+
+    def dies_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", dies_midway)
+    with pytest.raises(OSError):
+        checkpoint.save(path, _payload(net))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_save_killed_midway_never_leaves_a_corrupt_file(tmp_path):
+    """SIGKILL a process that keeps rewriting ``last.pt``: what is left always loads."""
+    path = tmp_path / "last.pt"
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from cifar10_resnet50 import checkpoint, model
+        payload = {{"model_meta": model.model_meta("none", 32),
+                   "model": {{"w": torch.randn(4_000_000)}}, "config": {{}}}}
+        i = 0
+        while True:
+            payload["config"]["i"] = i
+            checkpoint.save({str(path)!r}, payload)
+            i += 1
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 60
+        while not path.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.7)  # several saves (16 MB each) under way
+    finally:
+        proc.kill()
+        proc.wait()
+    blob = checkpoint.load(path)
+    assert blob["config"]["i"] >= 0 and blob["model"]["w"].shape == (4_000_000,)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "not a readable checkpoint"), (b"PK\x03\x04broken", "not a readable checkpoint")],
+)
+def test_unreadable_checkpoints_are_user_errors(tmp_path, content, message):
+    path = tmp_path / "c.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        checkpoint.load(path)
+
+
+def test_foreign_and_future_checkpoints_are_rejected(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(UserError, match="not a cifar10-resnet50 checkpoint"):
+        checkpoint.load(path)
+    torch.save({"format": checkpoint.FORMAT, "version": 99}, path)
+    with pytest.raises(UserError, match="version 99"):
+        checkpoint.load(path)
+    with pytest.raises(UserError, match="not found"):
+        checkpoint.load(tmp_path / "missing.pt")

@@ -1,0 +1,104 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cifar10_resnet50.cli import main
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "cifar10_resnet50", *args],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["data"], ["train"], ["evaluate"]])
+def test_help_works_and_does_not_import_torch(command):
+    code = (
+        "import sys\n"
+        "from cifar10_resnet50.cli import main\n"
+        "try:\n"
+        f"    main({command + ['--help']!r})\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules, 'help imported torch'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: cifar10-resnet50" in proc.stdout
+
+
+def test_train_help_lists_the_flags_that_matter(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--strategy", "--weights", "--image-size", "--epochs", "--batch-size", "--lr",
+                 "--seed", "--out", "--device", "--precision", "--subset", "--config", "--resume",
+                 "--compile", "--mixup", "--cutmix", "--val-size", "--data-dir"):
+        assert flag in text, flag
+
+
+def _one_line_error(proc, fragment):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
+def test_data_verify_on_a_broken_folder_is_a_one_line_error(synthetic_copy):
+    (synthetic_copy / "cifar-10-batches-py" / "data_batch_5").write_bytes(b"\x80\x04trunc")
+    proc = run_cli("data", "verify", "--data-dir", str(synthetic_copy))
+    _one_line_error(proc, "data_batch_5 is unreadable")
+
+
+def test_data_verify_and_info_on_a_good_folder(synthetic_root):
+    proc = run_cli("data", "verify", "--data-dir", str(synthetic_root))
+    assert proc.returncode == 0 and "valid CIFAR-10 structure" in proc.stdout
+    proc = run_cli("data", "info", "--data-dir", str(synthetic_root))
+    assert proc.returncode == 0 and "(50000, 3, 32, 32) uint8" in proc.stdout
+
+
+def test_train_without_data_and_without_download_says_how_to_fix(tmp_path):
+    proc = run_cli("train", "--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path / "r"))
+    _one_line_error(proc, "data download")
+
+
+def test_bad_flag_values_are_one_line_errors(tmp_path, synthetic_root):
+    proc = run_cli("train", "--data-dir", str(synthetic_root), "--val-size", "-3", "--out", str(tmp_path / "r"))
+    _one_line_error(proc, "--val-size")
+    proc = run_cli("train", "--resume")
+    _one_line_error(proc, "--resume needs --out")
+    proc = run_cli("train", "--weights", str(tmp_path / "missing.pth"), "--data-dir",
+                   str(synthetic_root), "--out", str(tmp_path / "r2"))
+    _one_line_error(proc, "no such file")
+
+
+def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
+    bogus = tmp_path / "model.pt"
+    bogus.write_text("hello")
+    _one_line_error(run_cli("evaluate", str(bogus)), "not a readable checkpoint")
+
+
+def test_train_then_evaluate_end_to_end(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(
+        "train", "--data-dir", str(synthetic_root), "--no-download", "--weights", "none",
+        "--image-size", "32", "--subset", "64", "--batch-size", "32", "--epochs", "1",
+        "--val-size", "50", "--device", "cpu", "--no-progress", "--out", str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy" in proc.stdout and "truck" in proc.stdout  # the test table
+    assert "epoch 1/1" in proc.stderr  # the per-epoch summary line
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["count"] == 10000 and len(metrics["per_class_accuracy"]) == 10
+    confusion = json.loads((out / "eval" / "confusion.json").read_text())["rows_true_cols_pred"]
+    assert [sum(row) for row in confusion] == [1000] * 10
+    assert (out / "eval" / "confusion.png").stat().st_size > 0
+
+    proc = run_cli("evaluate", str(out / "best.pt"), "--data-dir", str(synthetic_root), "--tta",
+                   "--out", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr
+    assert "TTA flip" in proc.stdout
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["tta"] == "flip"

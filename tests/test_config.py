@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from cifar10_resnet50 import config as C
+from cifar10_resnet50.errors import UserError
+
+
+def test_auto_fields_resolve_per_device():
+    gpu = C.resolve(C.Config(), "cuda")
+    cpu = C.resolve(C.Config(), "cpu")
+    assert (gpu.model.image_size, gpu.train.epochs) == (160, 10)
+    assert (cpu.model.image_size, cpu.train.epochs) == (64, 2)
+    assert gpu.optim.lr == 0.1 and gpu.optim.weight_decay == 5e-4
+    adamw = C.resolve(C.override(C.Config(), {"optim.optimizer": "adamw"}), "cpu")
+    assert adamw.optim.lr == 1e-3 and adamw.optim.weight_decay == 0.05
+
+
+def test_explicit_values_survive_resolution():
+    cfg = C.override(C.Config(), {"model.image_size": 96, "train.epochs": 3, "optim.lr": 0.02})
+    r = C.resolve(cfg, "cuda")
+    assert (r.model.image_size, r.train.epochs, r.optim.lr) == (96, 3, 0.02)
+
+
+def test_file_then_flags_override_defaults(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[optim]\nlr = 0.05\n[train]\nstrategy = "linear"\nepochs = 4\n')
+    cfg = C.override(C.load_file(f), {"train.epochs": 7})
+    assert cfg.optim.lr == 0.05
+    assert cfg.train.strategy == "linear"
+    assert cfg.train.epochs == 7  # the flag wins over the file
+    assert cfg.train.batch_size == C.TrainConfig().batch_size  # untouched default
+
+
+def test_saved_json_config_round_trips(tmp_path):
+    cfg = C.resolve(C.override(C.Config(), {"augment.mixup": 0.2}), "cpu")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert C.load_file(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"optim": {"lrr": 1}}, "unknown key optim.lrr"),
+        ({"optimizer": {}}, "unknown section"),
+        ({"train": {"epochs": "ten"}}, "whole number"),
+        ({"train": {"strategy": "half"}}, "--strategy"),
+        ({"train": {"compile": 1}}, "true or false"),
+        ({"data": {"val_size": -1}}, "--val-size"),
+    ],
+)
+def test_bad_config_values_are_user_errors(data, message):
+    with pytest.raises(UserError, match=message):
+        C.from_dict(data)
+
+
+def test_bad_config_file_syntax(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[optim\nlr=")
+    with pytest.raises(UserError, match="not valid"):
+        C.load_file(f)
+    with pytest.raises(UserError, match="not found"):
+        C.load_file(tmp_path / "missing.toml")
+
+
+def test_config_is_frozen():
+    cfg = C.Config()
+    with pytest.raises(AttributeError):
+        cfg.train.epochs = 3  # type: ignore[misc]

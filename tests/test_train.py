@@ -1,0 +1,169 @@
+import json
+import math
+
+import pytest
+import torch
+
+from cifar10_resnet50 import checkpoint, train
+from cifar10_resnet50 import config as C
+from cifar10_resnet50 import model as M
+from cifar10_resnet50.errors import UserError
+
+
+def tiny(root, out, **changes):
+    """A run of a few seconds: 64 images, 32 px, batches of 16 → 4 steps per epoch."""
+    settings = {
+        "data.data_dir": str(root),
+        "data.download": False,
+        "data.val_size": 20,
+        "data.subset": 64,
+        "model.weights": "none",
+        "model.image_size": 32,
+        "train.epochs": 2,
+        "train.batch_size": 16,
+        "train.device": "cpu",
+        "train.out": str(out),
+        "train.progress": False,
+        "train.eval_batch_size": 50,
+    }
+    settings.update(changes)
+    return C.override(C.Config(), settings)
+
+
+def _state(path):
+    return checkpoint.load(path)
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(
+    "changes, stop_after",
+    [
+        ({}, 5),  # mid-epoch 2
+        ({}, 4),  # exactly at the end of epoch 1, before its validation
+        ({"train.strategy": "gradual", "augment.mixup": 0.5, "augment.cutmix": 1.0}, 6),
+    ],
+)
+def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(
+    synthetic_root, tmp_path, changes, stop_after
+):
+    full = train.run(tiny(synthetic_root, tmp_path / "a", **changes), final_eval=False)
+    cfg_b = tiny(synthetic_root, tmp_path / "b", **changes)
+    part = train.run(cfg_b, final_eval=False, stop_after_steps=stop_after)
+    assert part.stopped_early
+    assert _state(part.last)["train_state"]["step"] == stop_after
+    resumed = train.run(cfg_b, resume=True, final_eval=False)
+    assert not resumed.stopped_early and resumed.epochs_done == 2
+
+    a, b = _state(full.last), _state(resumed.last)
+    _assert_same_weights(a["model"], b["model"])
+    for sa, sb in zip(
+        a["train_state"]["optimizer"]["state"].values(),
+        b["train_state"]["optimizer"]["state"].values(),
+        strict=True,
+    ):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    rows = [
+        [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
+        for p in (tmp_path / "a", tmp_path / "b")
+    ]
+    for ra, rb in zip(*rows, strict=True):
+        for key in ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert ra[key] == rb[key], key
+
+
+def test_run_folder_holds_config_metrics_curves_and_checkpoints(synthetic_root, tmp_path):
+    result = train.run(tiny(synthetic_root, tmp_path / "r", **{"data.subset": 32}), final_eval=False)
+    out = tmp_path / "r"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["image_size"] == 32 and saved["optim"]["lr"] == 0.1  # resolved
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(0 <= r["val_acc"] <= 1 and r["img_per_s"] > 0 for r in rows)
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    best = _state(result.best)
+    assert best["train_state"]["best_val_acc"] == max(r["val_acc"] for r in rows)
+    assert best["config"] == saved and best["model_meta"]["weights"].startswith("none")
+
+
+def test_existing_run_is_not_overwritten_without_resume(synthetic_root, tmp_path):
+    cfg = tiny(synthetic_root, tmp_path / "r", **{"train.epochs": 1, "data.subset": 32})
+    train.run(cfg, final_eval=False)
+    with pytest.raises(UserError, match="already holds a run"):
+        train.run(cfg, final_eval=False)
+
+
+def test_resume_refuses_changed_settings_but_allows_more_epochs(synthetic_root, tmp_path):
+    cfg = tiny(synthetic_root, tmp_path / "r", **{"train.epochs": 1, "data.subset": 32})
+    train.run(cfg, final_eval=False)
+    with pytest.raises(UserError, match="optim.lr"):
+        train.run(C.override(cfg, {"optim.lr": 0.5}), resume=True, final_eval=False)
+    longer = train.run(C.override(cfg, {"train.epochs": 2}), resume=True, final_eval=False)
+    assert longer.epochs_done == 2
+    with pytest.raises(UserError, match="no .*last.pt"):
+        train.run(tiny(synthetic_root, tmp_path / "empty"), resume=True, final_eval=False)
+
+
+def test_diverging_run_stops_naming_the_step_and_saves_nothing(synthetic_root, tmp_path):
+    cfg = tiny(synthetic_root, tmp_path / "r", **{"optim.lr": 1e30, "optim.grad_clip": 0.0,
+                                                  "optim.warmup": 0.0})
+    with pytest.raises(UserError, match=r"loss became (nan|inf) at step \d+ \(epoch \d, batch \d\)"):
+        train.run(cfg, final_eval=False)
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_linear_probe_trains_only_the_head_and_keeps_batchnorm_statistics(synthetic_root, tmp_path):
+    cfg = tiny(synthetic_root, tmp_path / "r", **{"train.strategy": "linear", "train.epochs": 1})
+    torch.manual_seed(cfg.train.seed)
+    init = M.build("none", 32, progress=False).state_dict()  # same seed → same initial weights
+    result = train.run(cfg, final_eval=False)
+    after = _state(result.last)["model"]
+    for k, v in init.items():
+        if k.startswith("net.fc."):
+            assert not torch.equal(after[k], v), k
+        else:
+            assert torch.equal(after[k], v), k  # weights AND running statistics unchanged
+
+
+def test_gradual_freezes_the_backbone_for_the_first_epochs(synthetic_root, tmp_path):
+    cfg = tiny(synthetic_root, tmp_path / "r", **{"train.strategy": "gradual", "train.freeze_epochs": 1})
+    train.run(cfg, final_eval=False, stop_after_steps=4)  # end of epoch 1
+    torch.manual_seed(cfg.train.seed)
+    init = M.build("none", 32, progress=False).state_dict()
+    mid = _state(tmp_path / "r" / "last.pt")["model"]
+    assert torch.equal(mid["net.layer1.0.conv1.weight"], init["net.layer1.0.conv1.weight"])
+    assert not torch.equal(mid["net.fc.weight"], init["net.fc.weight"])
+    done = _state(train.run(cfg, resume=True, final_eval=False).last)["model"]
+    assert not torch.equal(done["net.layer1.0.conv1.weight"], init["net.layer1.0.conv1.weight"])
+
+
+def test_param_groups_put_no_decay_on_norms_and_biases_and_scale_the_backbone_lr():
+    net = M.build("none", 32)
+    groups = {g["name"]: g for g in train.param_groups(net, 0.1, 0.01, 5e-4)}
+    assert groups["head"]["lr"] == 0.1 and groups["backbone"]["lr"] == 0.01
+    assert groups["backbone_no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in groups["backbone_no_decay"]["params"])
+    assert all(p.ndim == 4 for p in groups["backbone"]["params"])
+    total = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert total == sum(p.numel() for p in net.parameters())
+
+
+def test_lr_schedules_warm_up_then_decay():
+    cos = train.lr_factor("cosine", total_steps=100, warmup_steps=10)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(55) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
+    one = train.lr_factor("onecycle", total_steps=100, warmup_steps=0)
+    assert one(0) == pytest.approx(1 / 25) and one(25) == pytest.approx(1.0)
+    assert one(100) == pytest.approx(1e-4)
+    assert all(not math.isnan(one(s)) for s in range(101))
+
+
+def test_from_scratch_trains_the_backbone_at_the_head_lr(synthetic_root, tmp_path):
+    result = train.run(tiny(synthetic_root, tmp_path / "r", **{"train.epochs": 1, "data.subset": 32}),
+                       final_eval=False)
+    groups = _state(result.last)["train_state"]["optimizer"]["param_groups"]
+    assert {g["name"]: g["initial_lr"] for g in groups}["backbone"] == 0.1
