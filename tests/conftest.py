@@ -25,8 +25,12 @@ def write_cifar_folder(root: Path, seed: int = 0) -> Path:
         rng.shuffle(labels)
         data = rng.integers(0, 128, size=(10000, 3072), dtype=np.uint8)
         data += (labels * 12).astype(np.uint8)[:, None]
-        batch = {"batch_label": name, "labels": labels.tolist(), "data": data,
-                 "filenames": [f"{i}.png" for i in range(10000)]}
+        batch = {
+            "batch_label": name,
+            "labels": labels.tolist(),
+            "data": data,
+            "filenames": [f"{i}.png" for i in range(10000)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     with open(folder / "batches.meta", "wb") as f:

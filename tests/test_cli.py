@@ -10,7 +10,10 @@ from cifar10_resnet50.cli import main
 def run_cli(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "cifar10_resnet50", *args],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 
@@ -34,9 +37,26 @@ def test_train_help_lists_the_flags_that_matter(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--strategy", "--weights", "--image-size", "--epochs", "--batch-size", "--lr",
-                 "--seed", "--out", "--device", "--precision", "--subset", "--config", "--resume",
-                 "--compile", "--mixup", "--cutmix", "--val-size", "--data-dir"):
+    for flag in (
+        "--strategy",
+        "--weights",
+        "--image-size",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--seed",
+        "--out",
+        "--device",
+        "--precision",
+        "--subset",
+        "--config",
+        "--resume",
+        "--compile",
+        "--mixup",
+        "--cutmix",
+        "--val-size",
+        "--data-dir",
+    ):
         assert flag in text, flag
 
 
@@ -61,17 +81,28 @@ def test_data_verify_and_info_on_a_good_folder(synthetic_root):
 
 
 def test_train_without_data_and_without_download_says_how_to_fix(tmp_path):
-    proc = run_cli("train", "--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path / "r"))
+    proc = run_cli(
+        "train", "--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path / "r")
+    )
     _one_line_error(proc, "data download")
 
 
 def test_bad_flag_values_are_one_line_errors(tmp_path, synthetic_root):
-    proc = run_cli("train", "--data-dir", str(synthetic_root), "--val-size", "-3", "--out", str(tmp_path / "r"))
+    proc = run_cli(
+        "train", "--data-dir", str(synthetic_root), "--val-size", "-3", "--out", str(tmp_path / "r")
+    )
     _one_line_error(proc, "--val-size")
     proc = run_cli("train", "--resume")
     _one_line_error(proc, "--resume needs --out")
-    proc = run_cli("train", "--weights", str(tmp_path / "missing.pth"), "--data-dir",
-                   str(synthetic_root), "--out", str(tmp_path / "r2"))
+    proc = run_cli(
+        "train",
+        "--weights",
+        str(tmp_path / "missing.pth"),
+        "--data-dir",
+        str(synthetic_root),
+        "--out",
+        str(tmp_path / "r2"),
+    )
     _one_line_error(proc, "no such file")
 
 
@@ -84,9 +115,27 @@ def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
 def test_train_then_evaluate_end_to_end(synthetic_root, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(
-        "train", "--data-dir", str(synthetic_root), "--no-download", "--weights", "none",
-        "--image-size", "32", "--subset", "64", "--batch-size", "32", "--epochs", "1",
-        "--val-size", "50", "--device", "cpu", "--no-progress", "--out", str(out),
+        "train",
+        "--data-dir",
+        str(synthetic_root),
+        "--no-download",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--subset",
+        "64",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--val-size",
+        "50",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
     )
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout and "truck" in proc.stdout  # the test table
@@ -97,8 +146,15 @@ def test_train_then_evaluate_end_to_end(synthetic_root, tmp_path):
     assert [sum(row) for row in confusion] == [1000] * 10
     assert (out / "eval" / "confusion.png").stat().st_size > 0
 
-    proc = run_cli("evaluate", str(out / "best.pt"), "--data-dir", str(synthetic_root), "--tta",
-                   "--out", str(tmp_path / "ev"))
+    proc = run_cli(
+        "evaluate",
+        str(out / "best.pt"),
+        "--data-dir",
+        str(synthetic_root),
+        "--tta",
+        "--out",
+        str(tmp_path / "ev"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "TTA flip" in proc.stdout
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["tta"] == "flip"

@@ -72,12 +72,23 @@ def _rewrite_batch(path: Path, **changes):
     "damage, message",
     [
         (lambda d: (d / "data_batch_3").unlink(), "data_batch_3 is missing"),
-        (lambda d: (d / "test_batch").write_bytes((d / "test_batch").read_bytes()[:5000]), "test_batch is unreadable"),
+        (
+            lambda d: (d / "test_batch").write_bytes((d / "test_batch").read_bytes()[:5000]),
+            "test_batch is unreadable",
+        ),
         (lambda d: (d / "data_batch_2").write_bytes(b"not a pickle"), "data_batch_2 is unreadable"),
-        (lambda d: _rewrite_batch(d / "data_batch_1", data=torch.zeros(10, 3072, dtype=torch.uint8).numpy()), "10000×3072"),
+        (
+            lambda d: _rewrite_batch(
+                d / "data_batch_1", data=torch.zeros(10, 3072, dtype=torch.uint8).numpy()
+            ),
+            "10000×3072",
+        ),
         (lambda d: _rewrite_batch(d / "data_batch_4", labels=[11] * 10000), "labels in 0–9"),
         (lambda d: _rewrite_batch(d / "test_batch", labels=[0] * 10000), "1000 images per class"),
-        (lambda d: pickle.dump({"label_names": ["a"] * 10}, open(d / "batches.meta", "wb")), "class names"),
+        (
+            lambda d: (d / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a"] * 10})),
+            "class names",
+        ),
     ],
 )
 def test_broken_folders_get_one_line_errors_naming_the_file(synthetic_copy, damage, message):
@@ -130,7 +141,9 @@ def test_download_from_a_file_url_verifies_and_extracts(archive, tmp_path, monke
     monkeypatch.setattr(data, "ARCHIVE_MD5", md5)
     root = data.download(tmp_path / "d", url=path.as_uri(), progress=False)
     assert data.verify(root).kind == "structure"
-    assert sorted(p.name for p in root.iterdir()) == [data.BATCH_DIR]  # archive removed, no temp files
+    assert sorted(p.name for p in root.iterdir()) == [
+        data.BATCH_DIR
+    ]  # archive removed, no temp files
 
 
 def test_md5_mismatch_fails_after_retries_and_leaves_nothing(archive, tmp_path, monkeypatch):
@@ -143,7 +156,9 @@ def test_md5_mismatch_fails_after_retries_and_leaves_nothing(archive, tmp_path, 
         return FakeResponse(path.read_bytes())
 
     with pytest.raises(UserError, match="md5 mismatch") as info:
-        data.download_file("https://x/c.tgz", tmp_path / "c.tgz", "0" * 32, opener=opener, progress=False)
+        data.download_file(
+            "https://x/c.tgz", tmp_path / "c.tgz", "0" * 32, opener=opener, progress=False
+        )
     assert len(calls) == 3
     assert "--data-dir" in str(info.value)  # names the offline way out
     assert list(tmp_path.iterdir()) == []
@@ -154,8 +169,13 @@ def test_interrupted_download_is_retried_then_succeeds(archive, tmp_path, monkey
     _no_sleep(monkeypatch)
     payload = path.read_bytes()
     responses = [FakeResponse(payload, fail_after=1 << 20), FakeResponse(payload)]
-    out = data.download_file("https://x/c.tgz", tmp_path / "c.tgz", md5,
-                             opener=lambda u, t: responses.pop(0), progress=False)
+    out = data.download_file(
+        "https://x/c.tgz",
+        tmp_path / "c.tgz",
+        md5,
+        opener=lambda u, t: responses.pop(0),
+        progress=False,
+    )
     assert out.read_bytes() == payload
     assert [p.name for p in tmp_path.iterdir()] == ["c.tgz"]
 
@@ -167,7 +187,9 @@ def test_truncated_download_is_rejected(archive, tmp_path, monkeypatch):
     # The server closes early: fewer bytes than Content-Length announced.
     opener = lambda u, t: FakeResponse(payload[:1000], length=len(payload))  # noqa: E731
     with pytest.raises(UserError, match="incomplete"):
-        data.download_file("https://x/c.tgz", tmp_path / "c.tgz", md5, opener=opener, progress=False)
+        data.download_file(
+            "https://x/c.tgz", tmp_path / "c.tgz", md5, opener=opener, progress=False
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -283,8 +305,18 @@ def test_train_batches_resume_midway_reproduces_the_rest():
 def test_ranks_take_disjoint_shards_of_one_order():
     x = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
     y = torch.arange(64)
-    r0 = [yb for _, _, yb in data.train_batches(x, y, batch_size=8, seed=0, epoch=0, rank=0, world_size=2)]
-    r1 = [yb for _, _, yb in data.train_batches(x, y, batch_size=8, seed=0, epoch=0, rank=1, world_size=2)]
+    r0 = [
+        yb
+        for _, _, yb in data.train_batches(
+            x, y, batch_size=8, seed=0, epoch=0, rank=0, world_size=2
+        )
+    ]
+    r1 = [
+        yb
+        for _, _, yb in data.train_batches(
+            x, y, batch_size=8, seed=0, epoch=0, rank=1, world_size=2
+        )
+    ]
     seen = torch.cat(r0 + r1).tolist()
     assert len(r0) == len(r1) == 4 and sorted(seen) == list(range(64))
 
@@ -293,7 +325,9 @@ def test_ranks_take_disjoint_shards_of_one_order():
 def test_mixing_gives_soft_targets_that_sum_to_one(mixup, cutmix):
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(16) % 10
-    xm, t = data.mix_batch(x, y, 10, seed=7, gen=torch.Generator().manual_seed(7), mixup=mixup, cutmix=cutmix)
+    xm, t = data.mix_batch(
+        x, y, 10, seed=7, gen=torch.Generator().manual_seed(7), mixup=mixup, cutmix=cutmix
+    )
     assert xm.dtype == torch.uint8 and xm.shape == x.shape
     assert torch.allclose(t.sum(1), torch.ones(16))
     assert (t.max(1).values >= 0.5 - 1e-6).all()

@@ -124,7 +124,10 @@ def test_imagenet_spec_uses_torchvision_hash_checked_download(monkeypatch, tv_st
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", fake)
     M.build("imagenet", 32, progress=False)
-    assert seen == {"weights": torchvision.models.ResNet50_Weights.IMAGENET1K_V2, "check_hash": True}
+    assert seen == {
+        "weights": torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
+        "check_hash": True,
+    }
     M.build("imagenet-v1", 32, progress=False)
     assert seen["weights"] == torchvision.models.ResNet50_Weights.IMAGENET1K_V1
 

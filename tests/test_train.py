@@ -77,7 +77,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(
 
 
 def test_run_folder_holds_config_metrics_curves_and_checkpoints(synthetic_root, tmp_path):
-    result = train.run(tiny(synthetic_root, tmp_path / "r", **{"data.subset": 32}), final_eval=False)
+    result = train.run(
+        tiny(synthetic_root, tmp_path / "r", **{"data.subset": 32}), final_eval=False
+    )
     out = tmp_path / "r"
     saved = json.loads((out / "config.json").read_text())
     assert saved["model"]["image_size"] == 32 and saved["optim"]["lr"] == 0.1  # resolved
@@ -109,9 +111,14 @@ def test_resume_refuses_changed_settings_but_allows_more_epochs(synthetic_root, 
 
 
 def test_diverging_run_stops_naming_the_step_and_saves_nothing(synthetic_root, tmp_path):
-    cfg = tiny(synthetic_root, tmp_path / "r", **{"optim.lr": 1e30, "optim.grad_clip": 0.0,
-                                                  "optim.warmup": 0.0})
-    with pytest.raises(UserError, match=r"loss became (nan|inf) at step \d+ \(epoch \d, batch \d\)"):
+    cfg = tiny(
+        synthetic_root,
+        tmp_path / "r",
+        **{"optim.lr": 1e30, "optim.grad_clip": 0.0, "optim.warmup": 0.0},
+    )
+    with pytest.raises(
+        UserError, match=r"loss became (nan|inf) at step \d+ \(epoch \d, batch \d\)"
+    ):
         train.run(cfg, final_eval=False)
     assert not (tmp_path / "r" / "last.pt").exists()
 
@@ -130,7 +137,9 @@ def test_linear_probe_trains_only_the_head_and_keeps_batchnorm_statistics(synthe
 
 
 def test_gradual_freezes_the_backbone_for_the_first_epochs(synthetic_root, tmp_path):
-    cfg = tiny(synthetic_root, tmp_path / "r", **{"train.strategy": "gradual", "train.freeze_epochs": 1})
+    cfg = tiny(
+        synthetic_root, tmp_path / "r", **{"train.strategy": "gradual", "train.freeze_epochs": 1}
+    )
     train.run(cfg, final_eval=False, stop_after_steps=4)  # end of epoch 1
     torch.manual_seed(cfg.train.seed)
     init = M.build("none", 32, progress=False).state_dict()
@@ -163,7 +172,9 @@ def test_lr_schedules_warm_up_then_decay():
 
 
 def test_from_scratch_trains_the_backbone_at_the_head_lr(synthetic_root, tmp_path):
-    result = train.run(tiny(synthetic_root, tmp_path / "r", **{"train.epochs": 1, "data.subset": 32}),
-                       final_eval=False)
+    result = train.run(
+        tiny(synthetic_root, tmp_path / "r", **{"train.epochs": 1, "data.subset": 32}),
+        final_eval=False,
+    )
     groups = _state(result.last)["train_state"]["optimizer"]["param_groups"]
     assert {g["name"]: g["initial_lr"] for g in groups}["backbone"] == 0.1

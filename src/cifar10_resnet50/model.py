@@ -164,7 +164,7 @@ def build(
 ) -> Classifier:
     """A fresh Classifier with the backbone initialised from ``weights``; never silently random."""
     # From scratch, zero-initialised last BatchNorm of each block makes every residual block
-    # start as identity (Goyal et al. 2017): stable at lr 0.1 from the first step.
+    # start as identity (Goyal et al. 2017), which steadies the first steps.
     net = torchvision.models.resnet50(num_classes=num_classes, zero_init_residual=weights == "none")
     if weights != "none":
         state = (

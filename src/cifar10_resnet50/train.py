@@ -43,7 +43,7 @@ def param_groups(
     model: model_lib.Classifier, head_lr: float, backbone_lr: float, weight_decay: float
 ) -> list[dict[str, Any]]:
     """Head and backbone at their own learning rates; no weight decay on BatchNorm or biases
-    (decaying them only shrinks the scale BatchNorm learns back; Goyal et al. 2017)."""
+    ("no bias decay", He et al. 2019, Bag of Tricks: decaying them only fights BatchNorm)."""
     groups = []
     for name, params, lr in (
         ("backbone", model.backbone_parameters(), backbone_lr),
