@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +131,6 @@ def run(
     if plot:
         from .plots import confusion_png
 
-        with contextlib.suppress(ImportError):
-            confusion_png(result["confusion"], classes, out / "confusion.png")
+        confusion_png(result["confusion"], classes, out / "confusion.png")
     log.info("test accuracy %.2f%% (%d images)", 100 * result["accuracy"], result["count"])
     return EvalReport(checkpoint_path, out, result, classes, tta_flip)
