@@ -38,9 +38,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def run_tutorial(data_dir: str, px: int, images: int, batch_size: int) -> dict:
     import torch
     import torchvision
-    import torchvision.transforms as T
-
     import torchvision.datasets.cifar as tv_cifar
+    import torchvision.transforms as T
 
     # The local copy was re-encoded (JPEG), so torchvision's md5 checks refuse it; the files
     # have the official layout, which is all its loader needs. Everything else is stock.
@@ -100,7 +99,8 @@ def run_ours(data_dir: str, px: int, images: int, batch_size: int, compile_: boo
             },
         )
         train.run(cfg, final_eval=False)
-        rows = [json.loads(line) for line in open(out + "/run/metrics.jsonl")]
+        lines = Path(out, "run", "metrics.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
     return {"img_per_s": rows[-1]["img_per_s"]}
 
 
@@ -224,7 +224,7 @@ def main() -> None:
                 f"{100 * achieved / peak:.0f}% ({'fp32' if pipe == 'tutorial' else 'bf16'}) |"
             )
     print(
-        f"\n# FLOPs per training image (fwd+bwd): "
+        "\n# FLOPs per training image (fwd+bwd): "
         + ", ".join(f"{px}px {flops_per_train_image(px) / 1e9:.2f} GFLOP" for px in args.sizes)
     )
 

@@ -43,7 +43,7 @@ class Decoded:
     format: str
 
 
-def _to_rgb(im) -> "Image.Image":  # noqa: F821 (PIL imported lazily)
+def _to_rgb(im) -> Image.Image:  # noqa: F821 (PIL imported lazily)
     """Any Pillow mode → 8-bit RGB, the way a person expects to see the image."""
     from PIL import Image
 
@@ -95,7 +95,9 @@ def decode(data: bytes, name: str = "image", *, max_pixels: int = MAX_PIXELS) ->
     except UnidentifiedImageError as e:
         head = data[:256].lstrip().lower()
         if head.startswith((b"<svg", b"<?xml")) or b"<svg" in head:
-            raise ImageError("unsupported", f"{name}: SVG is a vector format; send PNG or JPEG") from e
+            raise ImageError(
+                "unsupported", f"{name}: SVG is a vector format; send PNG or JPEG"
+            ) from e
         if head.startswith(b"%pdf"):
             raise ImageError("unsupported", f"{name}: PDF is not an image; send PNG or JPEG") from e
         raise ImageError("not_image", f"{name}: not an image Pillow can read") from e
@@ -134,7 +136,9 @@ def read_file(path, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS)
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise ImageError("too_large", f"{path}: {size:,} bytes exceeds the limit of {max_bytes:,}")
+            raise ImageError(
+                "too_large", f"{path}: {size:,} bytes exceeds the limit of {max_bytes:,}"
+            )
         data = path.read_bytes()
     except OSError as e:
         raise ImageError("unreadable", f"{path}: cannot read ({e.strerror or e})") from e
