@@ -210,7 +210,7 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cifar10-resnet50",
-        description="Fine-tune an ImageNet ResNet-50 on CIFAR-10; evaluate it.",
+        description="Fine-tune an ImageNet ResNet-50 on CIFAR-10; evaluate, predict, export, serve.",
         epilog="Exit codes: 0 ok, 1 unexpected failure, 2 bad input, 130 interrupted.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -268,7 +268,96 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--precision", choices=PRECISIONS, default="auto")
     e.add_argument("--batch-size", type=int, default=500)
+
+    pr = sub.add_parser(
+        "predict",
+        help="top-k classes for image files, folders or globs",
+        description="Predict CIFAR-10 classes for your images (any format Pillow reads). "
+        "Images that are not 32×32 are centre-cropped to a square and resized to 32×32. "
+        "Exit codes: 0 all predicted, 2 some files rejected (one line each on stderr) "
+        "or bad arguments, 1 other failure.",
+    )
+    pr.add_argument(
+        "model",
+        metavar="MODEL",
+        help="checkpoint (.pt), TorchScript (.torchscript.pt) or ONNX (.onnx)",
+    )
+    pr.add_argument(
+        "paths", metavar="PATH", nargs="+", help="image files, folders (recursive) or glob patterns"
+    )
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    pr.add_argument("--output", metavar="FILE", help="write results here instead of stdout")
+    pr.add_argument("--batch-size", type=int, default=64)
+    _add_model_flags(pr)
+
+    x = sub.add_parser(
+        "export",
+        help="TorchScript or ONNX export with a parity check",
+        description="Export a checkpoint with preprocessing and softmax inside (input: uint8 "
+        "[B,3,32,32], dynamic batch; output: probabilities), then compare it with the "
+        "eager model on CIFAR-10 test images. Exit 1 if the parity check fails.",
+    )
+    x.add_argument("checkpoint", metavar="CHECKPOINT")
+    x.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    x.add_argument(
+        "--int8",
+        action="store_true",
+        help="ONNX Runtime static int8 quantization, calibrated on training images",
+    )
+    x.add_argument(
+        "--out",
+        metavar="FILE",
+        help="default: beside the checkpoint (.torchscript.pt, .onnx, .int8.onnx)",
+    )
+    x.add_argument(
+        "--data-dir", metavar="DIR", help="CIFAR-10 for the parity check and calibration"
+    )
+    x.add_argument("--parity-images", type=int, default=1000, metavar="N")
+    x.add_argument("--calibration-images", type=int, default=1000, metavar="N")
+
+    sv = sub.add_parser(
+        "serve",
+        help="HTTP API and web page (FastAPI + uvicorn)",
+        description="Serve a model over HTTP: POST /predict, GET /healthz /readyz /metrics "
+        "/labels, a web page at / and the API docs at /docs.",
+    )
+    sv.add_argument("model", metavar="MODEL", help="checkpoint (.pt), TorchScript or ONNX file")
+    sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=32, help="images per model call (default 32)")
+    sv.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="wait for a fuller batch (default 5)"
+    )
+    sv.add_argument(
+        "--queue-size", type=int, default=256, help="images waiting before 503 (default 256)"
+    )
+    sv.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per request before 504 (default 30)"
+    )
+    sv.add_argument(
+        "--max-body-mb", type=float, default=20.0, help="request body limit (default 20)"
+    )
+    sv.add_argument("--max-pixels", type=int, default=50_000_000, help="per image (default 50 MP)")
+    _add_model_flags(sv)
     return p
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "torchscript", "onnx"),
+        default="auto",
+        help="default: by file type",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="fp32",
+        help="for checkpoints (default fp32; bf16 is faster on CPUs that have it)",
+    )
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference")
 
 
 def _train_config(args: argparse.Namespace) -> Config:
@@ -346,6 +435,83 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from . import inference, predict
+
+    files, rejected = predict.expand(args.paths)
+    predictor = inference.load(
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        threads=args.threads,
+    )
+    predictions = []
+    progress = len(files) > 200 and sys.stderr.isatty()
+    for result in predict.predict_files(predictor, files, args.top_k, progress):
+        if isinstance(result, predict.Rejected):
+            rejected.append(result)
+            print(f"error: {result.reason}", file=sys.stderr)
+        else:
+            predictions.append(result)
+    text = predict.render(predictions, args.format)
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    if rejected:
+        print(f"{len(predictions)} predicted, {len(rejected)} rejected", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import export
+
+    report = export.run(
+        args.checkpoint,
+        args.format,
+        out=args.out,
+        int8=args.int8,
+        data_dir=args.data_dir,
+        parity_images=args.parity_images,
+        calibration_images=args.calibration_images,
+    )
+    print(report.table())
+    return EXIT_OK if report.passed else EXIT_FAILURE
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import serve
+
+    if not Path(args.model).is_file():
+        raise UserError(f"model file not found: {args.model}")
+    settings = serve.ServeSettings(
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        queue_images=args.queue_size,
+        timeout_s=args.timeout,
+    )
+    serve.run(
+        args.model,
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        threads=args.threads,
+        settings=settings,
+    )
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -353,7 +519,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    handler = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate}[args.command]
+    handler = {
+        "data": cmd_data,
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "predict": cmd_predict,
+        "export": cmd_export,
+        "serve": cmd_serve,
+    }[args.command]
     try:
         return handler(args)
     except UserError as e:

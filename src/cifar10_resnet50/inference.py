@@ -1,0 +1,168 @@
+"""One ``Predictor`` for predict, serve and the benchmarks: load once, preprocess once, batch.
+
+It reads three kinds of model file, all taking uint8 RGB images:
+
+* a training checkpoint (``best.pt``/``last.pt``): eager PyTorch, fp32 or bf16 autocast;
+* a TorchScript export (``*.torchscript.pt``): preprocessing and softmax inside;
+* an ONNX export (``*.onnx``): run by ONNX Runtime, fp32 or int8.
+
+Model facts (class names, image size, weights used) come from inside each file. This module
+imports no training code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError, first_line
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "torchscript", "onnx")
+META_KEY = "cifar10_resnet50"  # key of the JSON model facts inside exports
+
+
+def detect_backend(path: Path) -> str:
+    """By file type: .onnx → onnx; a TorchScript archive → torchscript; else a checkpoint."""
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    try:
+        with zipfile.ZipFile(path) as z:
+            if any("/code/" in n for n in z.namelist()):
+                return "torchscript"
+    except (zipfile.BadZipFile, OSError):
+        pass
+    return "torch"
+
+
+@dataclass
+class Predictor:
+    """``probabilities(images)``: uint8 ``[N,32,32,3]`` RGB → float32 ``[N,C]``."""
+
+    backend: str
+    path: Path
+    meta: dict[str, Any]
+    run: Callable[[np.ndarray], np.ndarray]  # uint8 [B,3,32,32] → float32 probs [B,C]
+    batch_size: int = 64
+    precision: str = "fp32"
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 [N,H,W,3], got {images.dtype} {images.shape}")
+        # uint8 [N,H,W,3] (image layout) → uint8 [N,3,H,W] (the models' layout)
+        chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        out = [self.run(chw[i : i + self.batch_size]) for i in range(0, len(chw), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        k = max(1, min(k, probs.shape[1]))
+        order = np.argsort(-probs, axis=1)[:, :k]
+        names = self.classes
+        return [[(names[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
+
+
+def _torch_runner(model, device, amp_dtype) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    from .runtime import autocast
+
+    @torch.no_grad()
+    def run(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    return run
+
+
+def load(
+    path: str | Path,
+    *,
+    backend: str = "auto",
+    device: str = "cpu",
+    precision: str = "fp32",
+    batch_size: int = 64,
+    threads: int | None = None,
+) -> Predictor:
+    """Load a checkpoint or an export; every problem is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {BACKENDS}")
+    kind = detect_backend(path) if backend == "auto" else backend
+    if kind == "onnx":
+        return _load_onnx(path, batch_size, threads)
+
+    import torch
+
+    from .runtime import pick_device, pick_precision
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    if kind == "torchscript":
+        files = {"meta.json": ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
+                module = torch.jit.load(str(path), map_location=dev, _extra_files=files)
+        except Exception as e:
+            raise UserError(f"{path}: not a TorchScript export ({first_line(e)})") from e
+        meta = json.loads(files["meta.json"] or "{}")
+        if "classes" not in meta:
+            raise UserError(f"{path}: TorchScript file without cifar10-resnet50 metadata")
+        module.eval()
+
+        @torch.no_grad()
+        def run(batch: np.ndarray) -> np.ndarray:
+            return module(torch.from_numpy(batch).to(dev)).float().cpu().numpy()
+
+        return Predictor("torchscript", path, meta, run, batch_size, "fp32")
+
+    from . import checkpoint
+
+    model, meta = checkpoint.load_model(path, dev)
+    model = model.to(memory_format=torch.channels_last)
+    amp = pick_precision(precision, dev)
+    label = str(amp).replace("torch.", "") if amp else "fp32"
+    return Predictor("torch", path, meta, _torch_runner(model, dev, amp), batch_size, label)
+
+
+def _load_onnx(path: Path, batch_size: int, threads: int | None) -> Predictor:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise UserError("ONNX models need onnxruntime: pip install onnxruntime") from e
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: ORT's warnings are not for our users
+    try:
+        session = ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+    except Exception as e:  # ORT raises its own exception types for bad files
+        raise UserError(f"{path}: not a readable ONNX model ({first_line(e)})") from e
+    props = session.get_modelmeta().custom_metadata_map
+    if META_KEY not in props:
+        raise UserError(f"{path}: ONNX file without cifar10-resnet50 metadata (export it with us)")
+    meta = json.loads(props[META_KEY])
+    input_name = session.get_inputs()[0].name
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: batch})[0].astype(np.float32, copy=False)
+
+    return Predictor("onnx", path, meta, run, batch_size, meta.get("precision", "fp32"))

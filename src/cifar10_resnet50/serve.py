@@ -1,0 +1,384 @@
+"""The ``serve`` command: a FastAPI app with micro-batching, limits and a web page.
+
+Endpoints: ``POST /predict`` (multipart files or a raw image body), ``GET /healthz``,
+``GET /readyz``, ``GET /metrics`` (Prometheus), ``GET /labels``, ``GET /`` (the web page),
+``GET /docs`` (OpenAPI). Bad input always gets a 4xx with a JSON body
+``{"error": {"status", "code", "message"}}``, never a 500, and never stops the server.
+
+Concurrency: requests put their decoded images on a bounded queue; one worker takes up to
+``max_batch`` images (waiting at most ``max_wait_ms`` for more) and runs them through the
+Predictor in one call, on one inference thread. This module imports no training code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from . import images as images_lib
+from .inference import Predictor
+
+log = logging.getLogger(__name__)
+
+STATUS_FOR_KIND = {
+    "too_large": 413,
+    "not_image": 415,
+    "unsupported": 415,
+    "empty": 422,
+    "undecodable": 422,
+    "too_many_pixels": 422,
+}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    max_body_bytes: int = images_lib.MAX_BYTES
+    max_pixels: int = images_lib.MAX_PIXELS
+    max_files: int = 64  # images in one request
+    max_batch: int = 32  # images in one model call
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    queue_images: int = 256  # images waiting; beyond this: 503 + Retry-After
+    timeout_s: float = 30.0  # per request, queueing included; beyond this: 504
+    top_k: int = 5
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+class MicroBatcher:
+    """Collects images from concurrent requests into batches for one inference thread."""
+
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray], np.ndarray],
+        settings: ServeSettings,
+        observe_batch: Callable[[int], None],
+    ):
+        self.predict = predict
+        self.settings = settings
+        self.observe_batch = observe_batch
+        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
+        self.waiting = 0  # images queued or in the running batch
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._work())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N,32,32,3] → probabilities [N,C]; raises ApiError 503/504."""
+        n = len(pixels)
+        if self.waiting + n > self.settings.queue_images:
+            raise ApiError(
+                503, "overloaded", "too many images waiting; retry shortly", {"Retry-After": "1"}
+            )
+        self.waiting += n
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self.queue.put((pixels, future))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.settings.timeout_s)
+        except TimeoutError:
+            future.cancel()  # the worker skips it if it has not run yet
+            raise ApiError(
+                504, "timeout", f"no result within {self.settings.timeout_s:g} s"
+            ) from None
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            count = len(batch[0][0])
+            deadline = loop.time() + self.settings.max_wait_ms / 1000
+            while count < self.settings.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), remaining)
+                except TimeoutError:
+                    break
+                batch.append(item)
+                count += len(item[0])
+            live = [(px, fut) for px, fut in batch if not fut.done()]
+            try:
+                if live:
+                    stacked = np.concatenate([px for px, _ in live])
+                    self.observe_batch(len(stacked))
+                    probs = await loop.run_in_executor(self.executor, self.predict, stacked)
+                    offset = 0
+                    for px, fut in live:
+                        if not fut.done():
+                            fut.set_result(probs[offset : offset + len(px)])
+                        offset += len(px)
+            except Exception as e:  # an inference failure fails its requests, not the server
+                log.exception("inference failed")
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(ApiError(500, "inference_failed", str(e)))
+            finally:
+                self.waiting -= sum(len(px) for px, _ in batch)
+
+
+def _metrics():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    registry = CollectorRegistry()  # per app: tests and embedders can run several
+    return registry, {
+        "requests": Counter(
+            "cifar10_requests_total", "HTTP requests", ["endpoint", "status"], registry=registry
+        ),
+        "latency": Histogram(
+            "cifar10_request_latency_seconds",
+            "Request latency",
+            ["endpoint"],
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        ),
+        "batch": Histogram(
+            "cifar10_batch_size_images",
+            "Images per model call",
+            registry=registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        ),
+        "images": Counter("cifar10_images_total", "Images predicted", registry=registry),
+        "queue": Gauge("cifar10_queue_images", "Images waiting or running", registry=registry),
+    }
+
+
+def create_app(load_predictor: Callable[[], Predictor], settings: ServeSettings = ServeSettings()):
+    """The ASGI app. The model loads in the background: /readyz is 503 until it is ready."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    registry, m = _metrics()
+    state: dict[str, Any] = {"predictor": None, "batcher": None, "error": None}
+
+    async def load() -> None:
+        try:
+            predictor = await asyncio.to_thread(load_predictor)
+            predictor.probabilities(np.zeros((1, 32, 32, 3), np.uint8))  # warm-up
+            batcher = MicroBatcher(predictor.probabilities, settings, m["batch"].observe)
+            batcher.start()
+            state["predictor"], state["batcher"] = predictor, batcher
+            log.info("model ready: %s (%s)", predictor.path, predictor.backend)
+        except Exception as e:
+            state["error"] = str(e)
+            log.error("model failed to load: %s", e)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loader = asyncio.create_task(load())
+        yield
+        loader.cancel()
+        if state["batcher"]:
+            await state["batcher"].stop()
+
+    app = FastAPI(
+        title="cifar10-resnet50",
+        description="CIFAR-10 classification with a fine-tuned ResNet-50. "
+        "POST images to /predict; see the web page at /.",
+        lifespan=lifespan,
+    )
+
+    def error(status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        return JSONResponse(
+            {"error": {"status": status, "code": code, "message": message}},
+            status_code=status,
+            headers=headers,
+        )
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        endpoint = request.url.path if request.url.path in _KNOWN_PATHS else "other"
+        try:
+            response = await call_next(request)
+        except Exception:  # last resort: never let one request take the server down
+            log.exception("unhandled error on %s", request.url.path)
+            response = error(500, "internal", "internal error")
+        m["requests"].labels(endpoint, str(response.status_code)).inc()
+        m["latency"].labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return error(exc.status, exc.code, exc.message, exc.headers)
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            raise ApiError(
+                413,
+                "too_large",
+                f"body of {int(declared):,} bytes exceeds {settings.max_body_bytes:,}",
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise ApiError(413, "too_large", f"body exceeds {settings.max_body_bytes:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def uploaded(request: Request) -> list[tuple[str, bytes]]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = await read_body(request)
+        if ctype == "multipart/form-data":
+            request._body = body  # let Starlette parse what we already read, within our limit
+            try:
+                form = await request.form(
+                    max_files=settings.max_files, max_part_size=settings.max_body_bytes
+                )
+            except Exception as e:  # malformed multipart, too many files
+                raise ApiError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from e
+            files = [
+                (getattr(v, "filename", None) or k, await v.read())
+                for k, v in form.multi_items()
+                if hasattr(v, "read")
+            ]
+            if not files:
+                raise ApiError(
+                    400, "no_file", "no file in the form; send field 'file' (or several)"
+                )
+            if len(files) > settings.max_files:
+                raise ApiError(
+                    413, "too_many_files", f"at most {settings.max_files} images per request"
+                )
+            return files
+        if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
+            return [("body", body)]
+        raise ApiError(
+            415, "not_image", f"content type {ctype!r}: send an image or multipart/form-data"
+        )
+
+    @app.post(
+        "/predict",
+        summary="Top-k classes for one or several images",
+        description="Multipart form with one or more image files (any field name), or a raw "
+        "image body (image/* or application/octet-stream). Returns the top-k labels and "
+        "probabilities for each image, in order. Errors: 413 body too large, 415 not an image, "
+        "422 undecodable/truncated/too many pixels, 503 busy (Retry-After), 504 timeout.",
+    )
+    async def predict(request: Request, top_k: int | None = None):
+        batcher: MicroBatcher | None = state["batcher"]
+        if batcher is None:
+            raise ApiError(
+                503,
+                "not_ready",
+                "model is still loading"
+                if not state["error"]
+                else f"model failed to load: {state['error']}",
+                {"Retry-After": "2"},
+            )
+        files = await uploaded(request)
+        decoded = []
+        for name, payload in files:
+            try:
+                decoded.append(
+                    await asyncio.to_thread(
+                        images_lib.decode, payload, name, max_pixels=settings.max_pixels
+                    )
+                )
+            except images_lib.ImageError as e:
+                raise ApiError(STATUS_FOR_KIND.get(e.kind, 422), e.kind, str(e)) from e
+        probs = await batcher.submit(np.stack([d.pixels for d in decoded]))
+        m["images"].inc(len(decoded))
+        predictor: Predictor = state["predictor"]
+        k = settings.top_k if top_k is None else max(1, min(top_k, len(predictor.classes)))
+        return {
+            "predictions": [
+                {
+                    "filename": name,
+                    "width": d.original_size[0],
+                    "height": d.original_size[1],
+                    "top": [{"label": lab, "probability": round(p, 6)} for lab, p in top],
+                }
+                for (name, _), d, top in zip(files, decoded, predictor.top_k(probs, k), strict=True)
+            ]
+        }
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: the model is loaded")
+    async def readyz():
+        if state["predictor"] is None:
+            return error(503, "not_ready", state["error"] or "model is loading")
+        p: Predictor = state["predictor"]
+        return {
+            "status": "ready",
+            "backend": p.backend,
+            "precision": p.precision,
+            "model": p.path.name,
+            "weights": p.meta.get("weights"),
+        }
+
+    @app.get("/labels", summary="Class names, in output order")
+    async def labels():
+        if state["predictor"] is None:
+            return error(503, "not_ready", "model is loading")
+        return {"labels": state["predictor"].classes}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def metrics():
+        batcher = state["batcher"]
+        m["queue"].set(batcher.waiting if batcher else 0)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def page():
+        return resources.files("cifar10_resnet50").joinpath("static/index.html").read_text("utf-8")
+
+    return app
+
+
+_KNOWN_PATHS = {"/predict", "/healthz", "/readyz", "/labels", "/metrics", "/"}
+
+
+def run(
+    model_path: str,
+    *,
+    host: str,
+    port: int,
+    backend: str,
+    device: str,
+    precision: str,
+    threads: int | None,
+    settings: ServeSettings,
+) -> None:
+    import uvicorn
+
+    from . import inference
+
+    def load() -> Predictor:
+        return inference.load(
+            model_path,
+            backend=backend,
+            device=device,
+            precision=precision,
+            batch_size=settings.max_batch,
+            threads=threads,
+        )
+
+    app = create_app(load, settings)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
