@@ -79,3 +79,40 @@ def real_root() -> Path:
 def no_data_env(monkeypatch):
     """Tests that pass --data-dir explicitly must not fall back to the real copy."""
     monkeypatch.delenv("CIFAR10_DATA_DIR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint at 32 px with a random (not zero) head, so predictions differ per image."""
+    import torch
+
+    from cifar10_resnet50 import checkpoint
+    from cifar10_resnet50 import model as M
+
+    torch.manual_seed(0)
+    net = M.build("none", 32)
+    with torch.no_grad():
+        net.net.fc.weight.normal_(0, 0.05)
+        net.net.fc.bias.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("model") / "best.pt"
+    checkpoint.save(
+        path, {"model_meta": M.model_meta("none", 32), "model": net.state_dict(), "config": {}}
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_pngs(tmp_path_factory, synthetic_root):
+    """The first 24 synthetic test images as PNG files, with their arrays."""
+    from PIL import Image
+
+    from cifar10_resnet50 import data
+
+    arrays = data.load(synthetic_root)
+    folder = tmp_path_factory.mktemp("pngs")
+    paths = []
+    for i in range(24):
+        path = folder / f"img{i:02d}.png"
+        Image.fromarray(arrays.test_x[i].permute(1, 2, 0).numpy()).save(path)
+        paths.append(path)
+    return paths, arrays.test_x[:24]

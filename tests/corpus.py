@@ -58,10 +58,20 @@ def huge_header_png(width: int = 30000, height: int = 30000) -> bytes:
     """A valid PNG header claiming width×height, with almost no pixel data behind it."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+        + chunk(b"IEND", b"")
+    )
 
 
 def bad_crc_png() -> bytes:
@@ -98,8 +108,14 @@ def corpus() -> dict[str, tuple[bytes, str | None]]:
         "text.jpg": (b"this is not a jpeg, just text\n" * 20, "not_image"),
         "truncated.jpg": (good_jpeg[: len(good_jpeg) // 2], "undecodable"),
         "bad_crc.png": (bad_crc_png(), "undecodable"),
-        "drawing.svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32"><rect width="32" height="32"/></svg>', "unsupported"),
-        "doc.pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n", "unsupported"),
+        "drawing.svg": (
+            b'<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32"><rect width="32" height="32"/></svg>',
+            "unsupported",
+        ),
+        "doc.pdf": (
+            b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n",
+            "unsupported",
+        ),
         "huge_header.png": (huge_header_png(), "too_many_pixels"),
         "animated.gif": (animated_gif(), None),
         "cmyk.jpg": (_jpeg(Image.new("CMYK", (40, 40), (0, 255, 255, 0))), None),

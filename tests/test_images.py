@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
-from corpus import BASE, corpus, huge_header_png, oriented_png
 
 from cifar10_resnet50 import images
 from cifar10_resnet50.errors import UserError
+from corpus import BASE, corpus, huge_header_png, oriented_png
 
 CORPUS = corpus()
 

@@ -313,7 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--data-dir", metavar="DIR", help="CIFAR-10 for the parity check and calibration"
     )
-    x.add_argument("--parity-images", type=int, default=1000, metavar="N")
+    x.add_argument(
+        "--parity-images",
+        type=int,
+        metavar="N",
+        help="default 1000; int8: the whole test set (0 = all)",
+    )
     x.add_argument("--calibration-images", type=int, default=1000, metavar="N")
 
     sv = sub.add_parser(
@@ -439,6 +444,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from . import inference, predict
 
     files, rejected = predict.expand(args.paths)
+    for r in rejected:
+        print(f"error: {r.path}: {r.reason}", file=sys.stderr)
     predictor = inference.load(
         args.model,
         backend=args.backend,

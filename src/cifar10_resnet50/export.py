@@ -124,7 +124,8 @@ def _write_torchscript(wrapper: nn.Module, meta: dict[str, Any], out: Path) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the fixed 32 px branch
         traced = torch.jit.trace(wrapper, example)
-    with atomic_open(out) as f:
+    with atomic_open(out) as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
         torch.jit.save(traced, f, _extra_files={"meta.json": json.dumps(meta)})
 
 
@@ -220,9 +221,11 @@ def run(
     out: str | Path | None = None,
     int8: bool = False,
     data_dir: str | Path | None = None,
-    parity_images: int = 1000,
+    parity_images: int | None = None,
     calibration_images: int = 1000,
 ) -> ExportReport:
+    """Export, then check against eager fp32 on ``parity_images`` test images (default: 1,000;
+    for int8 the whole test set, since its accuracy is what is reported)."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {FORMATS}")
     if int8 and fmt != "onnx":
@@ -249,7 +252,9 @@ def run(
             fp32_tmp.unlink(missing_ok=True)
 
     # ---- parity against the eager fp32 model
-    images, labels, source = _reference_images(data_dir, 0 if int8 else parity_images)
+    if parity_images is None:
+        parity_images = 0 if int8 else 1000  # 0 = all
+    images, labels, source = _reference_images(data_dir, parity_images)
 
     @torch.no_grad()
     def eager(batch: np.ndarray) -> np.ndarray:

@@ -29,8 +29,16 @@ MAX_PIXELS = 50_000_000
 MAX_BYTES = 20 * 1024 * 1024
 # Signatures of common image formats: a file that starts like one but will not open is a
 # damaged image (422), not a non-image (415).
-_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
-                b"MM\x00*", b"RIFF")
+_IMAGE_MAGIC = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"RIFF",
+)
 
 
 class ImageError(UserError):
@@ -106,7 +114,9 @@ def decode(data: bytes, name: str = "image", *, max_pixels: int = MAX_PIXELS) ->
         if head.startswith(b"%pdf"):
             raise ImageError("unsupported", f"{name}: PDF is not an image; send PNG or JPEG") from e
         if data.startswith(_IMAGE_MAGIC):
-            raise ImageError("undecodable", f"{name}: damaged image header (bad checksum or fields)") from e
+            raise ImageError(
+                "undecodable", f"{name}: damaged image header (bad checksum or fields)"
+            ) from e
         raise ImageError("not_image", f"{name}: not an image Pillow can read") from e
     except Image.DecompressionBombError as e:
         raise ImageError("too_many_pixels", f"{name}: {e}") from e

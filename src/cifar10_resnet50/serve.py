@@ -23,6 +23,9 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import images as images_lib
 from .inference import Predictor
@@ -165,10 +168,6 @@ def _metrics():
 
 def create_app(load_predictor: Callable[[], Predictor], settings: ServeSettings = ServeSettings()):
     """The ASGI app. The model loads in the background: /readyz is 503 until it is ready."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
     registry, m = _metrics()
     state: dict[str, Any] = {"predictor": None, "batcher": None, "error": None}
 

@@ -1,0 +1,185 @@
+"""A real uvicorn server on loopback: a bounded load test, an overload burst, and the web page
+in headless Chromium."""
+
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from cifar10_resnet50 import data, inference, serve
+from cifar10_resnet50.serve import ServeSettings
+
+
+class LiveServer:
+    def __init__(self, app):
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        while httpx.get(self.url + "/readyz").status_code != 200:
+            assert time.time() < deadline, "not ready in time"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def real_pngs(real_root, tmp_path_factory):
+    """Real CIFAR-10 test images as PNG files, with their labels."""
+    arrays = data.load(real_root)
+    folder = tmp_path_factory.mktemp("real_pngs")
+    out = []
+    for i in range(32):
+        path = folder / f"test{i:02d}_{arrays.classes[arrays.test_y[i]]}.png"
+        Image.fromarray(arrays.test_x[i].permute(1, 2, 0).numpy()).save(path)
+        out.append(path)
+    return out
+
+
+def test_bounded_load_16_clients_x_50_requests_has_no_errors(tiny_checkpoint, real_pngs):
+    app = serve.create_app(lambda: inference.load(tiny_checkpoint, batch_size=32), ServeSettings())
+    payloads = [p.read_bytes() for p in real_pngs]
+    with LiveServer(app) as live:
+
+        def client(worker: int) -> list[int]:
+            codes = []
+            with httpx.Client(base_url=live.url, timeout=30) as c:
+                for i in range(50):
+                    body = payloads[(worker * 50 + i) % len(payloads)]
+                    codes.append(
+                        c.post(
+                            "/predict", content=body, headers={"content-type": "image/png"}
+                        ).status_code
+                    )
+            return codes
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            codes = [c for batch in pool.map(client, range(16)) for c in batch]
+        elapsed = time.perf_counter() - t0
+        assert len(codes) == 800 and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+        metrics = httpx.get(live.url + "/metrics").text
+        assert 'cifar10_requests_total{endpoint="/predict",status="200"} 800.0' in metrics
+        # Micro-batching really happened under concurrency: some model calls took > 1 image.
+        assert 'cifar10_batch_size_images_bucket{le="1.0"}' in metrics
+        ones = float(metrics.split('cifar10_batch_size_images_bucket{le="1.0"} ')[1].split()[0])
+        calls = float(metrics.split("cifar10_batch_size_images_count ")[1].split()[0])
+        assert ones < calls
+        print(f"800 requests in {elapsed:.1f} s, {calls:.0f} model calls")
+
+
+def test_burst_beyond_the_queue_gets_503s_not_crashes(tiny_checkpoint, real_pngs):
+    def slow_model():
+        predictor = inference.load(tiny_checkpoint)
+        fast = predictor.run
+
+        def slow(batch):
+            time.sleep(0.1)  # a slow model makes the overload certain on any machine
+            return fast(batch)
+
+        predictor.run = slow
+        return predictor
+
+    settings = ServeSettings(queue_images=4, max_batch=4, max_wait_ms=1)
+    body = real_pngs[0].read_bytes()
+    with LiveServer(serve.create_app(slow_model, settings)) as live:
+
+        def one(_):
+            r = httpx.post(
+                live.url + "/predict",
+                content=body,
+                headers={"content-type": "image/png"},
+                timeout=30,
+            )
+            return r.status_code, r.headers.get("retry-after"), r.json()
+
+        with ThreadPoolExecutor(40) as pool:
+            results = list(pool.map(one, range(40)))
+        codes = [c for c, _, _ in results]
+        assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0
+        assert all(
+            ra == "1" and j["error"]["code"] == "overloaded" for c, ra, j in results if c == 503
+        )
+        assert httpx.get(live.url + "/healthz").status_code == 200
+        after = httpx.post(
+            live.url + "/predict", content=body, headers={"content-type": "image/png"}, timeout=30
+        )
+        assert after.status_code == 200
+
+
+def _browser_or_skip():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        message = "Debian's chromium and chromium-driver are needed for the web-page test"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " (.ci/run installs them)")
+        pytest.skip(message)
+    return chromium, driver
+
+
+def test_web_page_shows_the_label_of_an_uploaded_image(tiny_checkpoint, real_pngs, tmp_path):
+    chromium, driver_path = _browser_or_skip()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = real_pngs[3]
+    predictor = inference.load(tiny_checkpoint)
+    pixels = np.asarray(Image.open(image).convert("RGB"))[None]
+    expected = predictor.top_k(predictor.probabilities(pixels), 1)[0][0][0]
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=900,700",
+    ):
+        options.add_argument(flag)
+    app = serve.create_app(lambda: inference.load(tiny_checkpoint), ServeSettings())
+    with LiveServer(app) as live:
+        browser = webdriver.Chrome(service=Service(driver_path), options=options)
+        try:
+            browser.get(live.url + "/")
+            browser.find_element(By.ID, "file").send_keys(str(image))
+            out = WebDriverWait(browser, 30).until(
+                lambda b: b.find_element(By.CSS_SELECTOR, ".out[data-top1]")
+            )
+            top1 = out.get_attribute("data-top1")
+            labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".out .label")]
+            shot = Path(os.environ.get("TEST_ARTIFACTS", tmp_path)) / "web_page.png"
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            browser.save_screenshot(str(shot))
+        finally:
+            browser.quit()
+    assert top1 == expected
+    assert labels[0] == expected and len(labels) == 5
+    assert shot.read_bytes()[:4] == b"\x89PNG"
