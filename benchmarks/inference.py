@@ -67,12 +67,12 @@ def main() -> None:
     paths = {"eager fp32": eager_fp32}
     paths["eager bf16 (channels_last)"] = inference.load(args.checkpoint, precision="bf16").run
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fmt, int8 in (
-            ("TorchScript fp32", "torchscript", False),
-            ("ONNX Runtime fp32", "onnx", False),
-            ("ONNX Runtime int8", "onnx", True),
+        for name, fmt, int8, file in (
+            ("TorchScript fp32", "torchscript", False, "m.torchscript.pt"),
+            ("ONNX Runtime fp32", "onnx", False, "m.onnx"),
+            ("ONNX Runtime int8", "onnx", True, "m.int8.onnx"),
         ):
-            out = Path(tmp) / f"m.{name.replace(' ', '_')}"
+            out = Path(tmp) / file
             export.run(
                 args.checkpoint,
                 fmt,

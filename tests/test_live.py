@@ -15,7 +15,7 @@ import uvicorn
 from PIL import Image
 
 from cifar10_resnet50 import data, inference, serve
-from cifar10_resnet50.serve import ServeSettings
+from cifar10_resnet50.config import ServeConfig
 
 
 class LiveServer:
@@ -56,7 +56,7 @@ def real_pngs(real_root, tmp_path_factory):
 
 
 def test_bounded_load_16_clients_x_50_requests_has_no_errors(tiny_checkpoint, real_pngs):
-    app = serve.create_app(lambda: inference.load(tiny_checkpoint, batch_size=32), ServeSettings())
+    app = serve.create_app(lambda: inference.load(tiny_checkpoint, batch_size=32), ServeConfig())
     payloads = [p.read_bytes() for p in real_pngs]
     with LiveServer(app) as live:
 
@@ -99,7 +99,7 @@ def test_burst_beyond_the_queue_gets_503s_not_crashes(tiny_checkpoint, real_pngs
         predictor.run = slow
         return predictor
 
-    settings = ServeSettings(queue_images=4, max_batch=4, max_wait_ms=1)
+    settings = ServeConfig(queue_images=4, max_batch=4, max_wait_ms=1)
     body = real_pngs[0].read_bytes()
     with LiveServer(serve.create_app(slow_model, settings)) as live:
 
@@ -164,7 +164,7 @@ def test_web_page_shows_the_label_of_an_uploaded_image(tiny_checkpoint, real_png
         "--window-size=900,700",
     ):
         options.add_argument(flag)
-    app = serve.create_app(lambda: inference.load(tiny_checkpoint), ServeSettings())
+    app = serve.create_app(lambda: inference.load(tiny_checkpoint), ServeConfig())
     with LiveServer(app) as live:
         browser = webdriver.Chrome(service=Service(driver_path), options=options)
         try:

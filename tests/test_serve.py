@@ -8,10 +8,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from cifar10_resnet50 import checkpoint, evaluate, inference, serve
-from cifar10_resnet50.serve import ApiError, MicroBatcher, ServeSettings
+from cifar10_resnet50.config import ServeConfig
+from cifar10_resnet50.serve import ApiError, MicroBatcher
 from corpus import corpus
 
-SETTINGS = ServeSettings(max_body_bytes=1024 * 1024)
+SETTINGS = ServeConfig(max_body_bytes=1024 * 1024)
 
 
 def wait_ready(client, seconds=60):
@@ -148,7 +149,7 @@ def test_concurrent_requests_are_batched_together_and_get_their_own_rows():
         return np.tile(x[:, :1, 0, 0].astype(np.float32), (1, 10))
 
     async def main():
-        b = MicroBatcher(predict, ServeSettings(max_batch=16, max_wait_ms=20), sizes.append)
+        b = MicroBatcher(predict, ServeConfig(max_batch=16, max_wait_ms=20), sizes.append)
         b.start()
         outs = await asyncio.gather(
             *(b.submit(np.full((1 + i % 2, 32, 32, 3), i, np.uint8)) for i in range(12))
@@ -171,7 +172,7 @@ def test_full_queue_is_503_and_slow_inference_is_504():
 
     async def main():
         b = MicroBatcher(
-            stuck, ServeSettings(queue_images=2, timeout_s=0.2, max_wait_ms=1), lambda n: None
+            stuck, ServeConfig(queue_images=2, timeout_s=0.2, max_wait_ms=1), lambda n: None
         )
         b.start()
         first = asyncio.create_task(b.submit(np.zeros((2, 32, 32, 3), np.uint8)))

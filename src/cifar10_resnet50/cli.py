@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from . import __version__
-from .config import OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, Config
+from .config import OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, Config, ServeConfig
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, UserError
 
 S = argparse.SUPPRESS  # only flags the user gives reach the config; defaults live in config.py
@@ -330,20 +330,40 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("model", metavar="MODEL", help="checkpoint (.pt), TorchScript or ONNX file")
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch", type=int, default=32, help="images per model call (default 32)")
+    d = ServeConfig()
     sv.add_argument(
-        "--max-wait-ms", type=float, default=5.0, help="wait for a fuller batch (default 5)"
+        "--max-batch",
+        type=int,
+        default=d.max_batch,
+        help=f"images per model call (default {d.max_batch})",
     )
     sv.add_argument(
-        "--queue-size", type=int, default=256, help="images waiting before 503 (default 256)"
+        "--max-wait-ms",
+        type=float,
+        default=d.max_wait_ms,
+        help=f"extra wait for a fuller batch (default {d.max_wait_ms:g}: batches form while the model runs)",
     )
     sv.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds per request before 504 (default 30)"
+        "--queue-size",
+        type=int,
+        default=d.queue_images,
+        help=f"images waiting before 503 (default {d.queue_images})",
     )
     sv.add_argument(
-        "--max-body-mb", type=float, default=20.0, help="request body limit (default 20)"
+        "--timeout",
+        type=float,
+        default=d.timeout_s,
+        help=f"seconds per request before 504 (default {d.timeout_s:g})",
     )
-    sv.add_argument("--max-pixels", type=int, default=50_000_000, help="per image (default 50 MP)")
+    sv.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=d.max_body_bytes / 2**20,
+        help=f"request body limit in MiB (default {d.max_body_bytes / 2**20:g})",
+    )
+    sv.add_argument(
+        "--max-pixels", type=int, default=d.max_pixels, help=f"per image (default {d.max_pixels:,})"
+    )
     _add_model_flags(sv)
     return p
 
@@ -498,7 +518,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not Path(args.model).is_file():
         raise UserError(f"model file not found: {args.model}")
-    settings = serve.ServeSettings(
+    settings = ServeConfig(
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
         max_batch=args.max_batch,

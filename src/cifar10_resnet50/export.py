@@ -260,7 +260,7 @@ def run(
     def eager(batch: np.ndarray) -> np.ndarray:
         return wrapper(torch.from_numpy(batch)).numpy()
 
-    exported = inference.load(out_path, batch_size=64)
+    exported = inference.load(out_path, backend=fmt, batch_size=64)
     p_eager = _batched(eager, images)
     p_export = _batched(exported.run, images)
     parity = Parity(
@@ -277,7 +277,7 @@ def run(
         fp32_tmp = out_path.with_name(f".{out_path.name}.speed.onnx")
         try:
             _write_onnx(wrapper, export_meta, fp32_tmp)
-            speed["onnxruntime fp32"] = _rate(inference.load(fp32_tmp).run, images)
+            speed["onnxruntime fp32"] = _rate(inference.load(fp32_tmp, backend="onnx").run, images)
         finally:
             fp32_tmp.unlink(missing_ok=True)
         speed["onnxruntime int8"] = _rate(exported.run, images)

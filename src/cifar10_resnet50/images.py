@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from .config import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from .errors import UserError
 
 SIZE = 32
-# Refuse images above this many pixels before their pixels are decoded (a 30000×30000 PNG
-# header would otherwise ask for 2.7 GB). 50 MP covers any camera photo.
-MAX_PIXELS = 50_000_000
-MAX_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = MAX_IMAGE_PIXELS
+MAX_BYTES = MAX_IMAGE_BYTES
 # Signatures of common image formats: a file that starts like one but will not open is a
 # damaged image (422), not a non-image (415).
 _IMAGE_MAGIC = (

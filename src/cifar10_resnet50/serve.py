@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -28,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import images as images_lib
+from .config import ServeConfig
 from .inference import Predictor
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,6 @@ STATUS_FOR_KIND = {
 }
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    max_body_bytes: int = images_lib.MAX_BYTES
-    max_pixels: int = images_lib.MAX_PIXELS
-    max_files: int = 64  # images in one request
-    max_batch: int = 32  # images in one model call
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
-    queue_images: int = 256  # images waiting; beyond this: 503 + Retry-After
-    timeout_s: float = 30.0  # per request, queueing included; beyond this: 504
-    top_k: int = 5
-
-
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -66,7 +54,7 @@ class MicroBatcher:
     def __init__(
         self,
         predict: Callable[[np.ndarray], np.ndarray],
-        settings: ServeSettings,
+        settings: ServeConfig,
         observe_batch: Callable[[int], None],
     ):
         self.predict = predict
@@ -107,13 +95,17 @@ class MicroBatcher:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            # Greedy batching: take the first request, then everything already queued behind
+            # it, up to max_batch. Requests that arrive while the model runs form the next
+            # batch, so a lone request never waits and a busy server still batches.
             batch = [await self.queue.get()]
             count = len(batch[0][0])
+            while count < self.settings.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                count += len(batch[-1][0])
+            # Optionally wait a little longer for company (off by default).
             deadline = loop.time() + self.settings.max_wait_ms / 1000
-            while count < self.settings.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
+            while count < self.settings.max_batch and (remaining := deadline - loop.time()) > 0:
                 try:
                     item = await asyncio.wait_for(self.queue.get(), remaining)
                 except TimeoutError:
@@ -166,8 +158,9 @@ def _metrics():
     }
 
 
-def create_app(load_predictor: Callable[[], Predictor], settings: ServeSettings = ServeSettings()):
+def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | None = None):
     """The ASGI app. The model loads in the background: /readyz is 503 until it is ready."""
+    settings = settings or ServeConfig()
     registry, m = _metrics()
     state: dict[str, Any] = {"predictor": None, "batcher": None, "error": None}
 
@@ -205,18 +198,7 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeSettings 
             headers=headers,
         )
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        endpoint = request.url.path if request.url.path in _KNOWN_PATHS else "other"
-        try:
-            response = await call_next(request)
-        except Exception:  # last resort: never let one request take the server down
-            log.exception("unhandled error on %s", request.url.path)
-            response = error(500, "internal", "internal error")
-        m["requests"].labels(endpoint, str(response.status_code)).inc()
-        m["latency"].labels(endpoint).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(_Observe, requests=m["requests"], latency=m["latency"])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -354,6 +336,34 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeSettings 
 _KNOWN_PATHS = {"/predict", "/healthz", "/readyz", "/labels", "/metrics", "/"}
 
 
+class _Observe:
+    """Counts requests by endpoint and status and times them. Plain ASGI: FastAPI's
+    ``@app.middleware("http")`` wrapper costs a task and a stream copy per request."""
+
+    def __init__(self, app: Any, requests: Any, latency: Any):
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        endpoint = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
+        status = 500
+
+        async def send_and_record(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            self.requests.labels(endpoint, str(status)).inc()
+            self.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+
 def run(
     model_path: str,
     *,
@@ -363,7 +373,7 @@ def run(
     device: str,
     precision: str,
     threads: int | None,
-    settings: ServeSettings,
+    settings: ServeConfig,
 ) -> None:
     import uvicorn
 
@@ -380,4 +390,5 @@ def run(
         )
 
     app = create_app(load, settings)
+    # uvloop/httptools when installed (uvicorn[standard]): measurably less per-request overhead.
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
