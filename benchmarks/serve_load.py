@@ -1,10 +1,12 @@
 """HTTP server throughput and latency at several concurrency levels, on loopback.
 
-Starts ``cifar10-resnet50 serve`` in a child process (so the load generator does not share its
-GIL), then for each concurrency level runs that many async clients posting real CIFAR-10 test
-images (PNG) for ``--seconds``; reports requests/s and p50/p99 latency. The same is done with
-micro-batching off (``--max-batch 1``) as the side-by-side baseline. Bounded: every level
-stops after ``--seconds``; only 127.0.0.1 is contacted.
+Starts ``cifar10-resnet50 serve`` in a child process, then for each concurrency level keeps that
+many connections posting real CIFAR-10 test images (PNG) for ``--seconds``, and reports
+requests/s and p50/p99 latency. The load comes from ``wrk`` (Debian package ``wrk``: C, one
+thread, cheap enough to leave the 2 cores to the server) when it is installed, else from
+async httpx clients in this process. The same is done with micro-batching off
+(``--max-batch 1``) as the side-by-side baseline. Bounded: every level stops after
+``--seconds``; only 127.0.0.1 is contacted.
 
     python benchmarks/serve_load.py MODEL --data-dir ../shared/cifar10 --levels 1 8 32
 """
@@ -84,6 +86,63 @@ async def level(url: str, bodies: list[bytes], concurrency: int, seconds: float)
     }
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "image/png"
+local bodies, i = {}, 0
+for path in io.popen("ls " .. os.getenv("WRK_BODIES") .. "/*.png"):lines() do
+  local f = io.open(path, "rb"); bodies[#bodies + 1] = f:read("*a"); f:close()
+end
+request = function()
+  i = i % #bodies + 1
+  return wrk.format(nil, "/predict", nil, bodies[i])
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %f %f %d\\n", summary.requests,
+    summary.duration, latency:percentile(50), latency:percentile(99),
+    summary.errors.status + summary.errors.connect + summary.errors.read +
+    summary.errors.write + summary.errors.timeout))
+end
+"""
+
+
+def level_wrk(url: str, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, body in enumerate(bodies):
+            Path(tmp, f"{i:03d}.png").write_bytes(body)
+        script = Path(tmp, "post.lua")
+        script.write_text(WRK_SCRIPT)
+        proc = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{seconds:g}s",
+                "--timeout",
+                "60s",
+                "-s",
+                str(script),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "WRK_BODIES": tmp},
+            check=True,
+        )
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    requests, duration_us, p50_us, p99_us, errors = line.split()[1:]
+    ok = int(requests) - int(errors)
+    return {
+        "rps": ok / (int(duration_us) / 1e6),
+        "p50": float(p50_us) / 1000,
+        "p99": float(p99_us) / 1000,
+        "ok": ok,
+        "errors": int(errors),
+    }
+
+
 def serve(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     import httpx
 
@@ -129,13 +188,18 @@ def main() -> None:
     p.add_argument(
         "--serve-args", default="", help="extra flags for serve, e.g. '--precision bf16'"
     )
+    p.add_argument("--httpx", action="store_true", help="generate load with httpx even if wrk exists")
     args = p.parse_args()
+
+    import shutil
 
     bodies = pngs(args.data_dir)
     extra = args.serve_args.split()
+    use_wrk = shutil.which("wrk") is not None and not args.httpx
     print(
         f"# model {args.model}; serve flags: {' '.join(extra) or '(defaults)'}; "
-        f"{args.seconds:g} s per level; client and server on the same {os.cpu_count()} cores"
+        f"{args.seconds:g} s per level; load from {'wrk' if use_wrk else 'httpx'}; "
+        f"client and server on the same {os.cpu_count()} cores"
     )
     print("| micro-batching | concurrency | requests/s | p50 ms | p99 ms | ok | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -145,7 +209,10 @@ def main() -> None:
         try:
             asyncio.run(level(url, bodies, 2, 2.0))  # warm-up
             for c in args.levels:
-                r = asyncio.run(level(url, bodies, c, args.seconds))
+                if use_wrk:
+                    r = level_wrk(url, bodies, c, args.seconds)
+                else:
+                    r = asyncio.run(level(url, bodies, c, args.seconds))
                 results[(label, c)] = r
                 print(
                     f"| {label} | {c} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | "
