@@ -101,18 +101,28 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def test_pngs(tmp_path_factory, synthetic_root):
-    """The first 24 synthetic test images as PNG files, with their arrays."""
+def _write_pngs(root: Path, folder: Path, n: int) -> tuple[list[Path], object]:
+    """The first ``n`` test images of the data under ``root`` as PNG files named by label."""
     from PIL import Image
 
     from cifar10_resnet50 import data
 
-    arrays = data.load(synthetic_root)
-    folder = tmp_path_factory.mktemp("pngs")
+    arrays = data.load(root)
     paths = []
-    for i in range(24):
-        path = folder / f"img{i:02d}.png"
+    for i in range(n):
+        path = folder / f"test{i:02d}_{arrays.classes[arrays.test_y[i]]}.png"
         Image.fromarray(arrays.test_x[i].permute(1, 2, 0).numpy()).save(path)
         paths.append(path)
-    return paths, arrays.test_x[:24]
+    return paths, arrays.test_x[:n]
+
+
+@pytest.fixture(scope="session")
+def test_pngs(tmp_path_factory, synthetic_root):
+    """The first 24 synthetic test images as PNG files, with their uint8 tensors."""
+    return _write_pngs(synthetic_root, tmp_path_factory.mktemp("pngs"), 24)
+
+
+@pytest.fixture(scope="session")
+def real_pngs(real_root, tmp_path_factory) -> list[Path]:
+    """The first 32 real CIFAR-10 test images as PNG files."""
+    return _write_pngs(real_root, tmp_path_factory.mktemp("real_pngs"), 32)[0]

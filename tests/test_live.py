@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from cifar10_resnet50 import data, inference, serve
+from cifar10_resnet50 import inference, serve
 from cifar10_resnet50.config import ServeConfig
 
 
@@ -40,19 +40,6 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def real_pngs(real_root, tmp_path_factory):
-    """Real CIFAR-10 test images as PNG files, with their labels."""
-    arrays = data.load(real_root)
-    folder = tmp_path_factory.mktemp("real_pngs")
-    out = []
-    for i in range(32):
-        path = folder / f"test{i:02d}_{arrays.classes[arrays.test_y[i]]}.png"
-        Image.fromarray(arrays.test_x[i].permute(1, 2, 0).numpy()).save(path)
-        out.append(path)
-    return out
 
 
 def test_bounded_load_16_clients_x_50_requests_has_no_errors(tiny_checkpoint, real_pngs):

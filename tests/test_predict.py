@@ -52,7 +52,7 @@ def test_all_good_files_exit_0_with_table_csv_and_output_file(tiny_checkpoint, t
     proc = run_cli(
         "predict",
         str(tiny_checkpoint),
-        str(paths[0].parent / "img0*.png"),
+        str(paths[0].parent / "test0*.png"),
         "--format",
         "csv",
         "--top-k",

@@ -330,39 +330,42 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("model", metavar="MODEL", help="checkpoint (.pt), TorchScript or ONNX file")
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     sv.add_argument("--port", type=int, default=8000)
-    d = ServeConfig()
+    defaults = ServeConfig()
     sv.add_argument(
         "--max-batch",
         type=int,
-        default=d.max_batch,
-        help=f"images per model call (default {d.max_batch})",
+        default=defaults.max_batch,
+        help=f"images per model call (default {defaults.max_batch})",
     )
     sv.add_argument(
         "--max-wait-ms",
         type=float,
-        default=d.max_wait_ms,
-        help=f"extra wait for a fuller batch (default {d.max_wait_ms:g}: batches form while the model runs)",
+        default=defaults.max_wait_ms,
+        help=f"extra wait for a fuller batch (default {defaults.max_wait_ms:g}: batches form while the model runs)",
     )
     sv.add_argument(
         "--queue-size",
         type=int,
-        default=d.queue_images,
-        help=f"images waiting before 503 (default {d.queue_images})",
+        default=defaults.queue_images,
+        help=f"images waiting before 503 (default {defaults.queue_images})",
     )
     sv.add_argument(
         "--timeout",
         type=float,
-        default=d.timeout_s,
-        help=f"seconds per request before 504 (default {d.timeout_s:g})",
+        default=defaults.timeout_s,
+        help=f"seconds per request before 504 (default {defaults.timeout_s:g})",
     )
     sv.add_argument(
         "--max-body-mb",
         type=float,
-        default=d.max_body_bytes / 2**20,
-        help=f"request body limit in MiB (default {d.max_body_bytes / 2**20:g})",
+        default=defaults.max_body_bytes / 2**20,
+        help=f"request body limit in MiB (default {defaults.max_body_bytes / 2**20:g})",
     )
     sv.add_argument(
-        "--max-pixels", type=int, default=d.max_pixels, help=f"per image (default {d.max_pixels:,})"
+        "--max-pixels",
+        type=int,
+        default=defaults.max_pixels,
+        help=f"per image (default {defaults.max_pixels:,})",
     )
     _add_model_flags(sv)
     return p
