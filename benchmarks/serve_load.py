@@ -188,7 +188,9 @@ def main() -> None:
     p.add_argument(
         "--serve-args", default="", help="extra flags for serve, e.g. '--precision bf16'"
     )
-    p.add_argument("--httpx", action="store_true", help="generate load with httpx even if wrk exists")
+    p.add_argument(
+        "--httpx", action="store_true", help="generate load with httpx even if wrk exists"
+    )
     args = p.parse_args()
 
     import shutil

@@ -227,6 +227,9 @@ def run(
         write_json(out / "config.json", cfg.to_dict())
     torch.manual_seed(t.seed)
 
+    # ---- model first: without a network the weights fail in seconds, before any data download
+    model = model_lib.build(cfg.model.weights, cfg.model.image_size, progress=t.progress)
+
     # ---- data: uint8 tensors on the training device
     root = data.resolve_data_dir(cfg.data.data_dir)
     if not data.is_present(root) and cfg.data.download and process.is_main:
@@ -246,9 +249,8 @@ def run(
         )
     total_steps = steps_per_epoch * t.epochs
 
-    # ---- model, optimizer, schedule
+    # ---- optimizer, schedule
     pretrained = cfg.model.weights != "none"
-    model = model_lib.build(cfg.model.weights, cfg.model.image_size, progress=t.progress)
     model = model.to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
