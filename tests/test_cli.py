@@ -82,7 +82,14 @@ def test_data_verify_and_info_on_a_good_folder(synthetic_root):
 
 def test_train_without_data_and_without_download_says_how_to_fix(tmp_path):
     proc = run_cli(
-        "train", "--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path / "r")
+        "train",
+        "--data-dir",
+        str(tmp_path),
+        "--no-download",
+        "--weights",
+        "none",
+        "--out",
+        str(tmp_path / "r"),
     )
     _one_line_error(proc, "data download")
 
