@@ -88,7 +88,10 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoints(synthetic_root, 
     assert all(0 <= r["val_acc"] <= 1 and r["img_per_s"] > 0 for r in rows)
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     best = _state(result.best)
-    assert best["train_state"]["best_val_acc"] == max(r["val_acc"] for r in rows)
+    assert best["metrics"]["val_acc"] == max(r["val_acc"] for r in rows)
+    assert best["metrics"] == max(rows, key=lambda r: r["val_acc"])
+    assert "train_state" not in best  # model only: small, and not something to resume from
+    assert _state(result.last)["train_state"]["best_val_acc"] == best["metrics"]["val_acc"]
     assert best["config"] == saved and best["model_meta"]["weights"].startswith("none")
 
 

@@ -8,8 +8,9 @@ Layout (version 1)::
     model        the Classifier's state dict
     config       the resolved run config, as a dict
     versions     torch / torchvision / cifar10_resnet50 versions that wrote it
-    train_state  (training checkpoints only) optimizer, scheduler, grad scaler, RNG states,
+    train_state  (last.pt only) optimizer, scheduler, grad scaler, RNG states,
                  position (epoch, batch, step), best validation accuracy, partial-epoch sums
+    metrics      (best.pt only) the metrics.jsonl row of the epoch it was saved at
 
 Loading with ``weights_only=True`` means a checkpoint can never run code on load.
 """
