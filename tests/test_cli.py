@@ -165,3 +165,33 @@ def test_train_then_evaluate_end_to_end(synthetic_root, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "TTA flip" in proc.stdout
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["tta"] == "flip"
+
+
+def test_ctrl_c_saves_last_and_resume_finishes_the_run(synthetic_root, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [
+        "train", "--data-dir", str(synthetic_root), "--no-download", "--weights", "none",
+        "--image-size", "32", "--subset", "2048", "--batch-size", "16", "--epochs", "1",
+        "--val-size", "20", "--device", "cpu", "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar10_resnet50", *args], stderr=subprocess.PIPE, text=True
+    )
+    for line in proc.stderr:  # the loop starts right after this line
+        if line.startswith("training resnet50"):
+            break
+    time.sleep(2.0)  # some steps into the 128-step epoch
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(60) == 130, rest
+    assert "Traceback" not in rest and "--resume" in rest
+    from cifar10_resnet50 import checkpoint
+
+    state = checkpoint.load(out / "last.pt")["train_state"]
+    assert state["epoch"] == 0 and 0 < state["batch"] < 128
+    done = run_cli(*args, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert checkpoint.load(out / "last.pt")["train_state"]["epoch"] == 1

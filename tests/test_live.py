@@ -170,3 +170,44 @@ def test_web_page_shows_the_label_of_an_uploaded_image(tiny_checkpoint, real_png
     assert top1 == expected
     assert labels[0] == expected and len(labels) == 5
     assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_command_starts_binds_loopback_and_answers(tiny_checkpoint, real_pngs):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar10_resnet50", "serve", str(tiny_checkpoint), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(url + "/predict", files={"file": real_pngs[0].open("rb")})
+        assert r.status_code == 200 and len(r.json()["predictions"][0]["top"]) == 5
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert f"127.0.0.1:{port}" in output  # the default bind address is loopback only
+
+
+def test_serve_command_with_a_missing_model_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar10_resnet50", "serve", str(tmp_path / "nope.onnx")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("error: model file not found")
