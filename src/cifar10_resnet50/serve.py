@@ -5,9 +5,9 @@ Endpoints: ``POST /predict`` (multipart files or a raw image body), ``GET /healt
 ``GET /docs`` (OpenAPI). Bad input always gets a 4xx with a JSON body
 ``{"error": {"status", "code", "message"}}``, never a 500, and never stops the server.
 
-Concurrency: requests put their decoded images on a bounded queue; one worker takes up to
-``max_batch`` images (waiting at most ``max_wait_ms`` for more) and runs them through the
-Predictor in one call, on one inference thread. This module imports no training code.
+Concurrency: requests put their decoded images on a bounded queue; one worker takes what is
+queued, up to ``max_batch`` images (optionally waiting ``max_wait_ms`` for more), and runs them
+through the Predictor in one call, on one inference thread. This module imports no training code.
 """
 
 from __future__ import annotations
