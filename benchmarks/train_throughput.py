@@ -218,12 +218,15 @@ def main() -> None:
             med = statistics.median(rates)
             rss = max(r["peak_rss_mib"] for r in runs[pipe])
             # DataLoader workers are forked: their RSS counts pages shared with the parent too.
-            workers = max(r["workers_peak_rss_mib"] for r in runs[pipe])
+            # Ours has no workers (RUSAGE_CHILDREN would only show an `ldconfig -p` fork).
+            workers = (
+                max(r["workers_peak_rss_mib"] for r in runs[pipe]) if pipe == "tutorial" else None
+            )
             peak = peaks["float32"] if pipe == "tutorial" else peaks["bfloat16"]
             achieved = flops * med
             print(
                 f"| {px} | {pipe} | {med:.0f} | {', '.join(f'{r:.0f}' for r in rates)} | "
-                f"{rss:.0f} | {workers:.0f} | {med / base:.2f} | {achieved / 1e9:.0f} | "
+                f"{rss:.0f} | {'–' if workers is None else f'{workers:.0f}'} | {med / base:.2f} | {achieved / 1e9:.0f} | "
                 f"{100 * achieved / peak:.0f}% ({'fp32' if pipe == 'tutorial' else 'bf16'}) |"
             )
     print(
