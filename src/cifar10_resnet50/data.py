@@ -541,12 +541,5 @@ def train_batches(
         yield i, xb, y[idx]
 
 
-def eval_batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for i in range(0, len(x), batch_size):
-        yield x[i : i + batch_size], y[i : i + batch_size]
-
-
 def is_present(root: str | Path) -> bool:
     return (Path(root) / BATCH_DIR / "batches.meta").is_file()
