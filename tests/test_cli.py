@@ -195,3 +195,14 @@ def test_ctrl_c_saves_last_and_resume_finishes_the_run(synthetic_root, tmp_path)
     done = run_cli(*args, "--resume")
     assert done.returncode == 0, done.stderr
     assert checkpoint.load(out / "last.pt")["train_state"]["epoch"] == 1
+
+
+def test_serving_and_export_never_import_training_code():
+    code = (
+        "import sys\n"
+        "import cifar10_resnet50.serve, cifar10_resnet50.export, cifar10_resnet50.predict\n"
+        "bad = [m for m in ('cifar10_resnet50.train', 'cifar10_resnet50.evaluate') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
