@@ -397,10 +397,17 @@ def _train_config(args: argparse.Namespace) -> Config:
             raise UserError("--resume needs --out RUN_DIR (the folder of the run to continue)")
         from pathlib import Path
 
-        from . import checkpoint
+        # The run's config.json (written at its start) is the cheap way to the saved settings;
+        # train.run still checks them against last.pt's own copy, so an edited file can't slip by.
+        run_dir = Path(explicit["train.out"])
+        if not (run_dir / "last.pt").is_file():
+            raise UserError(f"--resume: no {run_dir / 'last.pt'}; pass --out to the run folder")
+        if (run_dir / "config.json").is_file():
+            base = config_lib.load_file(run_dir / "config.json")
+        else:
+            from . import checkpoint
 
-        last = Path(explicit["train.out"]) / "last.pt"
-        base = config_lib.from_dict(checkpoint.load(last)["config"])
+            base = config_lib.from_dict(checkpoint.load(run_dir / "last.pt")["config"])
     elif args.config:
         base = config_lib.load_file(args.config)
     else:
