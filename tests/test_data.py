@@ -60,6 +60,20 @@ def test_load_uses_the_cache_and_rebuilds_it_when_a_file_changes(synthetic_copy,
     assert len(calls) == 1
 
 
+def test_the_cache_keeps_only_the_most_recently_used_folders(synthetic_root, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for i in range(data.CACHE_KEEP + 2):  # stale entries from folders loaded earlier
+        stale = cache / f"cifar10-stale{i}.pt"
+        stale.write_bytes(b"x")
+        os.utime(stale, (1000 + i, 1000 + i))
+    data.load(synthetic_root, cache_dir=cache)
+    kept = sorted(p.name for p in cache.glob("cifar10-*.pt"))
+    assert len(kept) == data.CACHE_KEEP
+    newest_stale = [f"cifar10-stale{data.CACHE_KEEP + 1}.pt", f"cifar10-stale{data.CACHE_KEEP}.pt"]
+    assert set(newest_stale) < set(kept)  # the oldest entries went, the new one stays
+
+
 def _rewrite_batch(path: Path, **changes):
     with open(path, "rb") as f:
         batch = pickle.load(f, encoding="latin1")

@@ -51,6 +51,9 @@ TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 # The only members the archive may hold; readme.html ships in the official archive.
 _ALLOWED_MEMBERS = {f"{BATCH_DIR}/{name}" for name in (*FILE_MD5, "readme.html")}
 CACHE_VERSION = 1
+# Each cache file is ~185 MB (60,000 × 3,072 uint8 + labels); keeping the three most recently
+# used source folders bounds the cache at ~0.55 GB however many copies a user loads.
+CACHE_KEEP = 3
 ENV_DATA_DIR = "CIFAR10_DATA_DIR"
 ENV_CACHE_DIR = "CIFAR10_RESNET50_CACHE"
 
@@ -374,6 +377,7 @@ def load(root: str | Path, cache_dir: str | Path | None = None) -> Arrays:
         try:
             blob = torch.load(cache, weights_only=True)
             if blob.get("version") == CACHE_VERSION and blob.get("fingerprint") == fingerprint:
+                os.utime(cache)  # mark as recently used for _prune_cache
                 return Arrays(
                     blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], CLASSES
                 )
@@ -394,7 +398,19 @@ def load(root: str | Path, cache_dir: str | Path | None = None) -> Arrays:
             torch.save(blob, f)
     except OSError as e:
         log.warning("could not write the tensor cache %s: %s", cache, e)
+    _prune_cache(cache_root, CACHE_KEEP)
     return arrays
+
+
+def _prune_cache(cache_root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recently used cache files (a cache must not fill disks)."""
+    entries = sorted(cache_root.glob("cifar10-*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in entries[keep:]:
+        try:
+            stale.unlink()
+            log.info("removed least recently used tensor cache %s", stale)
+        except OSError as e:
+            log.warning("could not remove the tensor cache %s: %s", stale, e)
 
 
 # --------------------------------------------------------------------------- splits
