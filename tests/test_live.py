@@ -123,17 +123,27 @@ def _browser_or_skip():
     return chromium, driver
 
 
-def test_web_page_shows_the_label_of_an_uploaded_image(tiny_checkpoint, real_pngs, tmp_path):
+def _first_correctly_classified(predictor, paths: list[Path]) -> tuple[Path, str]:
+    """The first image (named ``testNN_<label>.png``) whose top-1 prediction is its true label."""
+    for path in paths:
+        truth = path.stem.split("_", 1)[1]
+        pixels = np.asarray(Image.open(path).convert("RGB"))[None]
+        if predictor.top_k(predictor.probabilities(pixels), 1)[0][0][0] == truth:
+            return path, truth
+    raise AssertionError(f"the trained model got none of {len(paths)} real test images right")
+
+
+def test_web_page_shows_the_true_label_of_an_uploaded_image(real_trained, real_pngs, tmp_path):
     chromium, driver_path = _browser_or_skip()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    image = real_pngs[3]
-    predictor = inference.load(tiny_checkpoint)
-    pixels = np.asarray(Image.open(image).convert("RGB"))[None]
-    expected = predictor.top_k(predictor.probabilities(pixels), 1)[0][0][0]
+    # A model that really learned (~40 % on real images), and a real test image it gets right:
+    # the page must show that image's true class as its top-1 label.
+    model_path = real_trained.best
+    image, expected = _first_correctly_classified(inference.load(model_path), real_pngs)
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -151,7 +161,7 @@ def test_web_page_shows_the_label_of_an_uploaded_image(tiny_checkpoint, real_png
         "--window-size=900,700",
     ):
         options.add_argument(flag)
-    app = serve.create_app(lambda: inference.load(tiny_checkpoint), ServeConfig())
+    app = serve.create_app(lambda: inference.load(model_path), ServeConfig())
     with LiveServer(app) as live:
         browser = webdriver.Chrome(service=Service(driver_path), options=options)
         try:

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from cifar10_resnet50 import checkpoint, data, evaluate, train
-from cifar10_resnet50 import config as C
+from cifar10_resnet50 import checkpoint, data, evaluate
 from cifar10_resnet50.runtime import pick_precision
 
 pytestmark = pytest.mark.real_data
@@ -22,31 +21,9 @@ def test_real_copy_verifies_and_loads(real_root):
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.8
 
 
-def test_short_run_from_scratch_learns_well_above_chance(real_root, tmp_path):
-    """About 30 s on 2 CPU cores: 4,000 images, 2 epochs at 32 px, from random weights.
-
-    AdamW, because SGD at lr 0.1 is unstable for the first steps of a from-scratch
-    ResNet-50 (measured: 22% vs 39% validation accuracy for this exact run).
-    """
-    cfg = C.override(
-        C.Config(),
-        {
-            "data.data_dir": str(real_root),
-            "data.download": False,
-            "data.subset": 4000,
-            "data.val_size": 1000,
-            "model.weights": "none",
-            "model.image_size": 32,
-            "train.epochs": 2,
-            "train.batch_size": 64,
-            "optim.optimizer": "adamw",
-            "optim.lr": 2e-3,
-            "train.device": "cpu",
-            "train.progress": False,
-            "train.out": str(tmp_path / "run"),
-        },
-    )
-    result = train.run(cfg, final_eval=False)
+def test_short_run_from_scratch_learns_well_above_chance(real_root, real_trained):
+    """The session's short run (4,000 images, 2 epochs at 32 px, random init; see conftest)."""
+    result = real_trained
     assert result.best_val_acc > 0.25  # chance is 0.10
 
     # The saved model reproduces that accuracy on the validation images through evaluate.
