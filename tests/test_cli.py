@@ -206,3 +206,53 @@ def test_serving_and_export_never_import_training_code():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["predict", "m.pt", "x.png", "--batch-size", "0"], "--batch-size: 0 is out of range"),
+        (["predict", "m.pt", "x.png", "--top-k", "0"], "--top-k: 0 is out of range"),
+        (["predict", "m.pt", "x.png", "--threads", "-1"], "--threads: -1 is out of range"),
+        (["evaluate", "m.pt", "--batch-size", "0"], "--batch-size: 0 is out of range"),
+        (["export", "m.pt", "--format", "onnx", "--parity-images", "-1"], "--parity-images"),
+        (["serve", "m.pt", "--port", "99999"], "--port: 99999 is out of range: must be an integer"),
+        (["serve", "m.pt", "--max-batch", "0"], "--max-batch: 0 is out of range"),
+        (["serve", "m.pt", "--queue-size", "-1"], "--queue-size: -1 is out of range"),
+        (["serve", "m.pt", "--timeout", "0"], "--timeout: 0 is out of range: must be a number > 0"),
+        (["serve", "m.pt", "--max-wait-ms", "-5"], "--max-wait-ms: -5 is out of range"),
+        (["serve", "m.pt", "--max-body-mb", "x"], "--max-body-mb: 'x' is not a number"),
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors_before_any_work(args, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+
+
+def test_unwritable_output_paths_fail_at_once_with_one_line(tiny_checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for args in (
+        ["evaluate", str(tiny_checkpoint), "--out", str(blocker / "eval")],
+        ["export", str(tiny_checkpoint), "--format", "onnx", "--out", str(blocker / "m.onnx")],
+        ["predict", str(tiny_checkpoint), str(blocker), "--output", str(blocker / "p.csv")],
+    ):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and str(blocker) in lines[0] and "Not a directory" in lines[0], err
+
+
+def test_serve_on_a_busy_port_is_a_one_line_error(tiny_checkpoint, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tiny_checkpoint), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot listen on 127.0.0.1:{port}" in err and "--port" in err, err

@@ -21,6 +21,28 @@ from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, Us
 
 S = argparse.SUPPRESS  # only flags the user gives reach the config; defaults live in config.py
 
+
+def _number(kind: type, low: float, high: float | None = None, *, above: bool = False):
+    """An argparse ``type`` that parses ``kind`` and checks ``low`` ≤ value (< if ``above``)
+    ≤ ``high``, so a bad value is a one-line usage error, not a traceback deep inside."""
+    noun = "an integer" if kind is int else "a number"
+    bound = f"> {low:g}" if above else f"≥ {low:g}"
+    rule = f"{noun} {bound}" + (f" and ≤ {high:g}" if high is not None else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if value < low or (above and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {rule}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+
 # (flag, config key, argparse keywords). Defaults are documented from config.py, not here.
 TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     (
@@ -267,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--precision", choices=PRECISIONS, default="auto")
-    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--batch-size", type=POSITIVE_INT, default=500)
 
     pr = sub.add_parser(
         "predict",
@@ -285,10 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "paths", metavar="PATH", nargs="+", help="image files, folders (recursive) or glob patterns"
     )
-    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument(
+        "--top-k", type=POSITIVE_INT, default=3, help="default 3; more than 10 shows all 10"
+    )
     pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
     pr.add_argument("--output", metavar="FILE", help="write results here instead of stdout")
-    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     _add_model_flags(pr)
 
     x = sub.add_parser(
@@ -315,11 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument(
         "--parity-images",
-        type=int,
+        type=_number(int, 0),
         metavar="N",
         help="default 1000; int8: the whole test set (0 = all)",
     )
-    x.add_argument("--calibration-images", type=int, default=1000, metavar="N")
+    x.add_argument("--calibration-images", type=POSITIVE_INT, default=1000, metavar="N")
 
     sv = sub.add_parser(
         "serve",
@@ -329,41 +353,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("model", metavar="MODEL", help="checkpoint (.pt), TorchScript or ONNX file")
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_number(int, 1, 65535), default=8000)
     defaults = ServeConfig()
     sv.add_argument(
         "--max-batch",
-        type=int,
+        type=POSITIVE_INT,
         default=defaults.max_batch,
         help=f"images per model call (default {defaults.max_batch})",
     )
     sv.add_argument(
         "--max-wait-ms",
-        type=float,
+        type=_number(float, 0),
         default=defaults.max_wait_ms,
         help=f"extra wait for a fuller batch (default {defaults.max_wait_ms:g}: batches form while the model runs)",
     )
     sv.add_argument(
         "--queue-size",
-        type=int,
+        type=POSITIVE_INT,
         default=defaults.queue_images,
         help=f"images waiting before 503 (default {defaults.queue_images})",
     )
     sv.add_argument(
         "--timeout",
-        type=float,
+        type=_number(float, 0, above=True),
         default=defaults.timeout_s,
         help=f"seconds per request before 504 (default {defaults.timeout_s:g})",
     )
     sv.add_argument(
         "--max-body-mb",
-        type=float,
+        type=_number(float, 0, above=True),
         default=defaults.max_body_bytes / 2**20,
         help=f"request body limit in MiB (default {defaults.max_body_bytes / 2**20:g})",
     )
     sv.add_argument(
         "--max-pixels",
-        type=int,
+        type=POSITIVE_INT,
         default=defaults.max_pixels,
         help=f"per image (default {defaults.max_pixels:,})",
     )
@@ -385,7 +409,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default="fp32",
         help="for checkpoints (default fp32; bf16 is faster on CPUs that have it)",
     )
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference")
+    p.add_argument("--threads", type=POSITIVE_INT, metavar="N", help="CPU threads for inference")
 
 
 def _train_config(args: argparse.Namespace) -> Config:
@@ -471,8 +495,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from . import inference, predict
+    from pathlib import Path
 
+    from . import inference, predict
+    from .fileio import atomic_open, ensure_writable_dir
+
+    if args.output:
+        ensure_writable_dir(Path(args.output).parent)  # fail now, not after the predictions
     files, rejected = predict.expand(args.paths)
     for r in rejected:
         print(f"error: {r.path}: {r.reason}", file=sys.stderr)
@@ -494,9 +523,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             predictions.append(result)
     text = predict.render(predictions, args.format)
     if args.output:
-        from pathlib import Path
-
-        Path(args.output).write_text(text, encoding="utf-8")
+        with atomic_open(args.output) as f:
+            f.write(text.encode("utf-8"))
     else:
         sys.stdout.write(text)
     if rejected:
@@ -575,6 +603,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.filename is not None:
+            # A path that cannot be read or written (missing folder, permissions, full disk)
+            # is the user's to fix, and the file name says where.
+            print(
+                f"error: {e.filename}: {e.strerror or e}; check the path, its permissions and "
+                "free disk space",
+                file=sys.stderr,
+            )
+            return EXIT_USER_ERROR
         print(
             f"unexpected error: {type(e).__name__}: {e} (rerun with --debug for details)",
             file=sys.stderr,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, data
-from .fileio import write_json
+from .fileio import ensure_writable_dir, write_json
 from .runtime import autocast, pick_device, pick_precision
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def run(
 ) -> EvalReport:
     """Evaluate a checkpoint on the CIFAR-10 test set and write metrics.json/confusion.*."""
     checkpoint_path = Path(checkpoint_path)
+    out = ensure_writable_dir(Path(out_dir) if out_dir else checkpoint_path.parent / "eval")
     dev = pick_device(device)
     amp = pick_precision(precision, dev)
     model, meta = checkpoint.load_model(checkpoint_path, dev)
@@ -112,8 +113,6 @@ def run(
         model, arrays.test_x, batch_size=batch_size, device=dev, amp_dtype=amp, tta_flip=tta_flip
     )
     result = metrics(logits, arrays.test_y, meta["num_classes"])
-    out = Path(out_dir) if out_dir else checkpoint_path.parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     classes = list(meta["classes"])
     write_json(
         out / "metrics.json",

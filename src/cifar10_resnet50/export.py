@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoint, data, inference
 from .errors import UserError
-from .fileio import atomic_open
+from .fileio import atomic_open, ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ def run(
     wrapper = WithSoftmax(model.float().eval()).eval()
     suffix = {"torchscript": ".torchscript.pt", "onnx": ".int8.onnx" if int8 else ".onnx"}[fmt]
     out_path = Path(out) if out else checkpoint_path.with_name(checkpoint_path.stem + suffix)
+    ensure_writable_dir(out_path.parent)
     export_meta = {**meta, "precision": "int8" if int8 else "fp32", "source": checkpoint_path.name}
 
     if fmt == "torchscript":

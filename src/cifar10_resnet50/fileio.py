@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +45,25 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def ensure_writable_dir(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove it takes a file, before any long computation.
+
+    A bad output path then fails in the first second (OSError naming the path), not after
+    minutes of work whose result would be lost.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:  # a file where a folder should be; mkdir's message misleads
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", e.filename) from None
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:  # name the folder, not the random probe file
+        raise type(e)(e.errno, e.strerror, str(folder)) from None
+    return folder
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import images as images_lib
 from .config import ServeConfig
+from .errors import UserError
 from .inference import Predictor
 
 log = logging.getLogger(__name__)
@@ -364,6 +366,22 @@ class _Observe:
             self.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let go, so a busy port or a bad host is a one-line error
+    before the model loads (uvicorn would log a bind error and exit with code 3)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind(address)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise UserError(
+            f"cannot listen on {host}:{port}: {reason}; pick another --port or --host"
+        ) from None
+
+
 def run(
     model_path: str,
     *,
@@ -389,6 +407,7 @@ def run(
             threads=threads,
         )
 
+    check_can_listen(host, port)
     app = create_app(load, settings)
     # uvloop/httptools when installed (uvicorn[standard]): measurably less per-request overhead.
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
