@@ -48,6 +48,7 @@ def test_saved_json_config_round_trips(tmp_path):
         ({"train": {"strategy": "half"}}, "--strategy"),
         ({"train": {"compile": 1}}, "true or false"),
         ({"data": {"val_size": -1}}, "--val-size"),
+        ({"train": {"seed": -1}}, "--seed"),
     ],
 )
 def test_bad_config_values_are_user_errors(data, message):
@@ -68,3 +69,11 @@ def test_config_is_frozen():
     cfg = C.Config()
     with pytest.raises(AttributeError):
         cfg.train.epochs = 3  # type: ignore[misc]
+
+
+def test_gradual_needs_an_epoch_left_to_unfreeze():
+    gradual = {"train.strategy": "gradual", "train.freeze_epochs": 2}
+    with pytest.raises(UserError, match="--freeze-epochs 2 leaves no epoch"):
+        C.resolve(C.override(C.Config(), gradual), "cpu")  # CPU default: 2 epochs
+    ok = C.resolve(C.override(C.Config(), {**gradual, "train.epochs": 3}), "cpu")
+    assert ok.train.freeze_epochs == 2 and ok.train.epochs == 3

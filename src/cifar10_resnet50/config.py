@@ -249,6 +249,7 @@ def validate(cfg: Config) -> None:
     check(t.batch_size >= 1, "--batch-size must be at least 1")
     check(t.eval_batch_size >= 1, "eval_batch_size must be at least 1")
     check(t.freeze_epochs >= 0, "--freeze-epochs must be 0 or more")
+    check(t.seed >= 0, "--seed must be 0 or more")
     check(t.checkpoint_every >= 0, "--checkpoint-every must be 0 or more")
     check(m.image_size is None or 16 <= m.image_size <= 512, "--image-size must be in 16..512")
     check(o.lr is None or o.lr > 0, "--lr must be positive")
@@ -278,4 +279,10 @@ def resolve(cfg: Config, device_type: str) -> Config:
         ),
     )
     train = dataclasses.replace(cfg.train, epochs=cfg.train.epochs or (10 if gpu else 2))
+    if train.strategy == "gradual" and train.freeze_epochs >= train.epochs:
+        # Checked here, not in validate(): the epoch count is only known once resolved.
+        raise UserError(
+            f"--freeze-epochs {train.freeze_epochs} leaves no epoch to unfreeze in "
+            f"{train.epochs}; lower it below --epochs, or use --strategy linear"
+        )
     return dataclasses.replace(cfg, model=model, optim=optim, train=train)
