@@ -84,15 +84,33 @@ def test_save_killed_midway_never_leaves_a_corrupt_file(tmp_path):
     assert blob["config"]["i"] >= 0 and blob["model"]["w"].shape == (4_000_000,)
 
 
+def _zip_that_is_not_torch(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("hello.txt", "not a tensor")
+
+
 @pytest.mark.parametrize(
-    "content, message",
-    [(b"", "not a readable checkpoint"), (b"PK\x03\x04broken", "not a readable checkpoint")],
+    "write, message",
+    [
+        (lambda p: p.write_bytes(b""), "is not a checkpoint"),
+        (lambda p: p.write_bytes(b"PK\x03\x04broken"), "is not a checkpoint"),
+        (_zip_that_is_not_torch, "not a readable checkpoint"),
+        (lambda p: p.mkdir(), "is a folder; pass the checkpoint file inside it"),
+    ],
 )
-def test_unreadable_checkpoints_are_user_errors(tmp_path, content, message):
+def test_unreadable_checkpoints_are_user_errors(tmp_path, write, message):
     path = tmp_path / "c.pt"
-    path.write_bytes(content)
+    write(path)
     with pytest.raises(UserError, match=message):
         checkpoint.load(path)
+
+
+def test_a_run_folder_given_as_checkpoint_points_at_best(tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=f"for example {tmp_path / 'best.pt'}"):
+        checkpoint.load(tmp_path)
 
 
 def test_foreign_and_future_checkpoints_are_rejected(tmp_path):

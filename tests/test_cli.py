@@ -116,7 +116,7 @@ def test_bad_flag_values_are_one_line_errors(tmp_path, synthetic_root):
 def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     bogus = tmp_path / "model.pt"
     bogus.write_text("hello")
-    _one_line_error(run_cli("evaluate", str(bogus)), "not a readable checkpoint")
+    _one_line_error(run_cli("evaluate", str(bogus)), "is not a checkpoint")
 
 
 def test_train_then_evaluate_end_to_end(synthetic_root, tmp_path):

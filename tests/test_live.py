@@ -220,4 +220,4 @@ def test_serve_command_with_a_missing_model_is_a_one_line_error(tmp_path):
         [sys.executable, "-m", "cifar10_resnet50", "serve", str(tmp_path / "nope.onnx")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert proc.returncode == 2 and proc.stderr.startswith("error: model file not found")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: model not found")

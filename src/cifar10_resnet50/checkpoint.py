@@ -18,6 +18,7 @@ Loading with ``weights_only=True`` means a checkpoint can never run code on load
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 
 from . import __version__
 from .errors import UserError, first_line
-from .fileio import atomic_open
+from .fileio import atomic_open, require_file
 from .model import Classifier, from_meta
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,12 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
 
 def load(path: str | Path) -> dict[str, Any]:
     """Read and check a checkpoint; any problem is a one-line UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+    path = require_file(path, "checkpoint")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; say so plainly, not pickle-speak
+        raise UserError(f"{path} is not a checkpoint (a .pt file written by train)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, disallowed pickle globals
+    except Exception as e:  # truncated zip, disallowed pickle globals
         raise UserError(
             f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)})"
         ) from e

@@ -550,12 +550,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from . import serve
+    from .fileio import require_file
 
-    if not Path(args.model).is_file():
-        raise UserError(f"model file not found: {args.model}")
+    require_file(args.model, "model")
     settings = ServeConfig(
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_pixels=args.max_pixels,

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
@@ -45,6 +47,18 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """``path`` as a Path if it is a file; else a UserError that says what to pass instead."""
+    path = Path(path)
+    if path.is_dir():
+        inside = path / "best.pt"
+        hint = f", for example {inside}" if inside.is_file() else ""
+        raise UserError(f"{path} is a folder; pass the {what} file inside it{hint}")
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    return path
 
 
 def ensure_writable_dir(folder: str | Path) -> Path:

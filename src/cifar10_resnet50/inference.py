@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError, first_line
+from .fileio import require_file
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,7 @@ def load(
     threads: int | None = None,
 ) -> Predictor:
     """Load a checkpoint or an export; every problem is a one-line UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model file not found: {path}")
+    path = require_file(path, "model")
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {BACKENDS}")
     kind = detect_backend(path) if backend == "auto" else backend
