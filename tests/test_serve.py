@@ -213,3 +213,10 @@ def test_server_backends_and_evaluate_agree(tiny_checkpoint, test_pngs, tmp_path
                 p["top"][0]["label"] for p in c.post("/predict", files=files).json()["predictions"]
             ]
         assert got == expected, path.suffix
+
+
+def test_only_non_loopback_hosts_get_the_no_authentication_warning():
+    assert serve.exposure_warning("127.0.0.1") is None
+    assert serve.exposure_warning("localhost") is None
+    assert serve.exposure_warning("::1") is None
+    assert "no authentication" in serve.exposure_warning("0.0.0.0")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import logging
 import socket
 import time
@@ -382,6 +383,23 @@ def check_can_listen(host: str, port: int) -> None:
         ) from None
 
 
+def exposure_warning(host: str) -> str | None:
+    """A warning when ``host`` is reachable from other machines: the API has no authentication."""
+    try:
+        loopback = all(
+            ipaddress.ip_address(info[4][0]).is_loopback
+            for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        )
+    except (OSError, ValueError):
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"serving on {host}: other machines can reach this API, and it has no authentication; "
+        "put it behind a proxy that authenticates, or use --host 127.0.0.1"
+    )
+
+
 def run(
     model_path: str,
     *,
@@ -408,6 +426,8 @@ def run(
         )
 
     check_can_listen(host, port)
+    if warning := exposure_warning(host):
+        log.warning(warning)
     app = create_app(load, settings)
     # uvloop/httptools when installed (uvicorn[standard]): measurably less per-request overhead.
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
