@@ -82,6 +82,19 @@ def test_limits_and_content_types(client):
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
+def test_framework_errors_use_the_same_json_error_shape(client):
+    png = corpus()["photo.jpg"][0]
+    cases = [
+        (client.post("/predict?top_k=abc", content=png), 422, "invalid_request", "top_k"),
+        (client.get("/nope"), 404, "not_found", "Not Found"),
+        (client.get("/predict"), 405, "method_not_allowed", "Method Not Allowed"),
+    ]
+    for response, status, code, fragment in cases:
+        body = response.json()["error"]
+        assert (response.status_code, body["status"], body["code"]) == (status, status, code)
+        assert fragment in body["message"]
+
+
 def test_labels_readyz_metrics_openapi_and_page(client):
     assert client.get("/labels").json()["labels"][9] == "truck"
     ready = client.get("/readyz").json()

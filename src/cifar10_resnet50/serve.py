@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import images as images_lib
 from .config import ServeConfig
@@ -206,6 +208,21 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return error(exc.status, exc.code, exc.message, exc.headers)
+
+    # FastAPI's own errors (bad query values, unknown paths, wrong methods) get the same JSON
+    # shape as ours, so a client parses one error format.
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in exc.errors()
+        )
+        return error(422, "invalid_request", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
