@@ -404,11 +404,18 @@ def load(root: str | Path, cache_dir: str | Path | None = None) -> Arrays:
 
 def _prune_cache(cache_root: Path, keep: int) -> None:
     """Delete all but the ``keep`` most recently used cache files (a cache must not fill disks)."""
-    entries = sorted(cache_root.glob("cifar10-*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in entries[keep:]:
+    used = []
+    for entry in cache_root.glob("cifar10-*.pt"):
+        try:
+            used.append((entry.stat().st_mtime, entry))
+        except OSError:  # removed meanwhile by another process: nothing to prune
+            continue
+    for _, stale in sorted(used, reverse=True)[keep:]:
         try:
             stale.unlink()
             log.info("removed least recently used tensor cache %s", stale)
+        except FileNotFoundError:
+            pass
         except OSError as e:
             log.warning("could not remove the tensor cache %s: %s", stale, e)
 
