@@ -8,6 +8,7 @@ index into it plus a few batched tensor ops. No PIL, no DataLoader, no per-image
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -377,7 +378,8 @@ def load(root: str | Path, cache_dir: str | Path | None = None) -> Arrays:
         try:
             blob = torch.load(cache, weights_only=True)
             if blob.get("version") == CACHE_VERSION and blob.get("fingerprint") == fingerprint:
-                os.utime(cache)  # mark as recently used for _prune_cache
+                with contextlib.suppress(OSError):  # a read-only cache still serves hits
+                    os.utime(cache)  # mark as recently used for _prune_cache
                 return Arrays(
                     blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], CLASSES
                 )
