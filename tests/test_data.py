@@ -97,7 +97,10 @@ def _rewrite_batch(path: Path, **changes):
             ),
             "10000×3072",
         ),
-        (lambda d: _rewrite_batch(d / "data_batch_4", labels=[11] * 10000), "labels in 0–9"),
+        (
+            lambda d: _rewrite_batch(d / "data_batch_4", labels=[11] * 10000),
+            "label 0 is 11, outside 0–9",
+        ),
         (lambda d: _rewrite_batch(d / "test_batch", labels=[0] * 10000), "1000 images per class"),
         (
             lambda d: (d / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a"] * 10})),

@@ -36,7 +36,7 @@ def test_export_passes_parity_on_test_images(exports, fmt):
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_exports_take_uint8_at_any_batch_and_carry_their_metadata(exports, tiny_checkpoint, fmt):
-    predictor = inference.load(exports[fmt].path)
+    predictor = inference.load(exports[fmt].path, allow_code=True)
     assert predictor.backend == fmt
     assert predictor.classes[0] == "airplane" and predictor.meta["image_size"] == 32
     model, _ = checkpoint.load_model(tiny_checkpoint)

@@ -26,7 +26,8 @@ import torch
 
 from . import __version__
 from .errors import UserError, first_line
-from .fileio import atomic_open, require_file
+from .fileio import require_file, save_torch
+from .meta import validate_meta
 from .model import Classifier, from_meta
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
             "lower --lr or use --precision fp32"
         )
     blob = {"format": FORMAT, "version": VERSION, "versions": versions(), **payload}
-    with atomic_open(path) as f:
-        torch.save(blob, f)
+    save_torch(blob, path)
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -86,12 +86,26 @@ def load(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
-    """The trained model in eval mode, plus its ``model_meta``."""
+    """The trained model in eval mode, plus its ``model_meta``, validated: metadata keys,
+    types and ranges, weights that fit the architecture it names (so the class count matches
+    the head), and finite values. Any problem is a one-line UserError."""
     blob = load(path)
-    meta = blob["model_meta"]
+    meta = validate_meta(blob.get("model_meta"), str(path))
+    state = blob.get("model")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: no model weights in the checkpoint; it is damaged")
     model = from_meta(meta)
     try:
-        model.load_state_dict(blob["model"])
+        model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the model it describes ({e})") from e
+        raise UserError(
+            f"{path}: weights do not fit the model its metadata describes "
+            f"({meta['num_classes']} classes, resnet50): {first_line(e)}"
+        ) from None
+    bad = _non_finite(state)
+    if bad:
+        raise UserError(
+            f"{path}: weights hold NaN or inf (e.g. {bad[0]}); the model cannot predict. "
+            "Use another checkpoint (training never writes such weights)."
+        )
     return model.to(device).eval(), meta

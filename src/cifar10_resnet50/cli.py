@@ -409,7 +409,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default="fp32",
         help="for checkpoints (default fp32; bf16 is faster on CPUs that have it)",
     )
-    p.add_argument("--threads", type=POSITIVE_INT, metavar="N", help="CPU threads for inference")
+    p.add_argument(
+        "--threads", type=POSITIVE_INT, metavar="N", help="CPU threads (default: all cores)"
+    )
+    p.add_argument(
+        "--allow-torchscript-code",
+        action="store_true",
+        help="load a TorchScript model: it is a program that runs with your permissions "
+        "(it can read and write files), so only for files you trust",
+    )
 
 
 def _train_config(args: argparse.Namespace) -> Config:
@@ -495,16 +503,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from . import inference, predict
-    from .fileio import atomic_open, ensure_writable_dir
+    from .fileio import prepare_output, write_bytes
+    from .images import printable
 
-    if args.output:
-        ensure_writable_dir(Path(args.output).parent)  # fail now, not after the predictions
     files, rejected = predict.expand(args.paths)
+    if args.output:  # fail now, not after the predictions; never overwrite an input
+        prepare_output(args.output, [args.model, *files], "--output")
     for r in rejected:
-        print(f"error: {r.path}: {r.reason}", file=sys.stderr)
+        print(f"error: {printable(r.path)}: {r.reason}", file=sys.stderr)
     predictor = inference.load(
         args.model,
         backend=args.backend,
@@ -512,6 +519,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         precision=args.precision,
         batch_size=args.batch_size,
         threads=args.threads,
+        allow_code=args.allow_torchscript_code,
     )
     predictions = []
     progress = len(files) > 200 and sys.stderr.isatty()
@@ -521,12 +529,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"error: {result.reason}", file=sys.stderr)
         else:
             predictions.append(result)
-    text = predict.render(predictions, args.format)
+    data = predict.encode(predict.render(predictions, args.format))
     if args.output:
-        with atomic_open(args.output) as f:
-            f.write(text.encode("utf-8"))
+        write_bytes(args.output, data)
     else:
-        sys.stdout.write(text)
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
     if rejected:
         print(f"{len(predictions)} predicted, {len(rejected)} rejected", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -571,6 +579,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         precision=args.precision,
         threads=args.threads,
         settings=settings,
+        allow_code=args.allow_torchscript_code,
     )
     return EXIT_OK
 

@@ -118,6 +118,9 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 # Refuse images above this many pixels before decoding them (a 30000×30000 PNG header would
 # otherwise ask for 2.7 GB). 50 MP covers any camera photo.
 MAX_IMAGE_PIXELS = 50_000_000
+# Per-image decode deadline. A 48 MP PNG decodes in ~1 s on this 2-core CPU, a 12 MP JPEG in
+# ~0.1 s (draft mode); 5 s is far beyond any honest file.
+MAX_DECODE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,20 @@ class ServeConfig:
     # concurrency 1 halved, and under load batches fill while the model runs anyway.
     max_wait_ms: float = 0.0
     queue_images: int = 256  # images waiting; beyond this: 503 + Retry-After
-    timeout_s: float = 30.0  # per request, queueing included; beyond this: 504
+    # Per request, from the first byte read to the answer: reading, decoding, queueing and
+    # inference. Beyond this: 504, and the request's remaining work is dropped.
+    timeout_s: float = 30.0
     top_k: int = 5
+    decode_timeout_s: float = MAX_DECODE_SECONDS  # per image; beyond this: 422 too_slow
+    # Images decoded at once across all requests (each thread may hold a 50 MP image, 150 MB);
+    # None → the number of CPU cores.
+    decode_workers: int | None = None
+    # Sum of header pixels of one request's images; beyond this: 413 before any decoding
+    # (32 near-limit images in one request took 2.3 GB and 59 s before this bound).
+    max_request_pixels: int = 2 * MAX_IMAGE_PIXELS
+    # Request line + headers; beyond this: 431 and the connection is closed (uvicorn's
+    # httptools parser has no limit of its own: a 64 MiB header was accepted).
+    max_header_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)

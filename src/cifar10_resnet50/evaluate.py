@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, data
-from .fileio import ensure_writable_dir, write_json
+from .fileio import check_not_input, ensure_writable_dir, write_json
 from .runtime import autocast, pick_device, pick_precision
 
 log = logging.getLogger(__name__)
+
+OUTPUTS = ("metrics.json", "confusion.json", "confusion.png")
 
 
 @torch.no_grad()
@@ -102,10 +104,14 @@ def run(
 ) -> EvalReport:
     """Evaluate a checkpoint on the CIFAR-10 test set and write metrics.json/confusion.*."""
     checkpoint_path = Path(checkpoint_path)
-    out = ensure_writable_dir(Path(out_dir) if out_dir else checkpoint_path.parent / "eval")
     dev = pick_device(device)
     amp = pick_precision(precision, dev)
+    # The model first: a wrong path (a folder, an image) must not leave an empty eval/ behind.
     model, meta = checkpoint.load_model(checkpoint_path, dev)
+    out = Path(out_dir) if out_dir else checkpoint_path.parent / "eval"
+    for name in OUTPUTS:
+        check_not_input(out / name, [checkpoint_path])
+    ensure_writable_dir(out)
     model = model.to(memory_format=torch.channels_last)
     root = data.resolve_data_dir(data_dir)
     arrays = data.load(root)

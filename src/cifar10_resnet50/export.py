@@ -8,8 +8,10 @@ export is compared with the eager model on real test images. No training code is
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from torch import nn
 
 from . import checkpoint, data, inference
 from .errors import UserError
-from .fileio import atomic_open, ensure_writable_dir
+from .fileio import prepare_output, remove_stale_temps, temp_dir_beside, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -123,37 +125,40 @@ def _write_torchscript(wrapper: nn.Module, meta: dict[str, Any], out: Path) -> N
     example = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the fixed 32 px branch
-        traced = torch.jit.trace(wrapper, example)
-    with atomic_open(out) as f, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
-        torch.jit.save(traced, f, _extra_files={"meta.json": json.dumps(meta)})
+        traced = torch.jit.trace(wrapper, example)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf, _extra_files={"meta.json": json.dumps(meta)})
+    write_bytes(out, buf.getbuffer())
 
 
-def _write_onnx(wrapper: nn.Module, meta: dict[str, Any], out: Path) -> None:
+def _onnx_proto(wrapper: nn.Module, meta: dict[str, Any]) -> Any:
+    """The fp32 graph with our metadata, built in memory (nothing on disk to leave behind)."""
     import onnx
 
     example = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
-    tmp = out.with_name(f".{out.name}.raw")
+    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter, not for users
         torch.onnx.export(
             wrapper,
             (example,),
-            str(tmp),
+            buf,
             input_names=["images"],
             output_names=["probabilities"],
             dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-    try:
-        proto = onnx.load(str(tmp))
-        _set_meta(proto, meta)
-        onnx.checker.check_model(proto)
-        with atomic_open(out) as f:
-            f.write(proto.SerializeToString())  # one self-contained file (ResNet-50 is ~95 MB)
-    finally:
-        tmp.unlink(missing_ok=True)
+    proto = onnx.load_from_string(buf.getvalue())
+    _set_meta(proto, meta)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _write_onnx(wrapper: nn.Module, meta: dict[str, Any], out: Path) -> None:
+    # One self-contained file (ResNet-50 is ~95 MB, under protobuf's 2 GB limit).
+    write_bytes(out, _onnx_proto(wrapper, meta).SerializeToString())
 
 
 def _set_meta(proto: Any, meta: dict[str, Any]) -> None:
@@ -188,11 +193,12 @@ def _quantize_int8(
         def get_next(self):
             return next(self.batches, None)
 
-    prepared = out.with_name(f".{out.name}.prep.onnx")
-    quantized = out.with_name(f".{out.name}.q.onnx")
+    # ORT's quantizer works on files: its scratch files go beside fp32_path (a temporary
+    # folder the caller removes).
+    prepared, quantized = fp32_path.with_name("prep.onnx"), fp32_path.with_name("q.onnx")
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    logging.disable(logging.INFO)  # the quantizer logs per-tensor chatter on the root logger
     try:
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        logging.disable(logging.INFO)  # the quantizer logs per-tensor chatter on the root logger
         quantize_static(
             str(prepared),
             str(quantized),
@@ -203,15 +209,11 @@ def _quantize_int8(
             activation_type=QuantType.QUInt8,
             op_types_to_quantize=["Conv", "Gemm"],
         )
-        logging.disable(logging.NOTSET)
-        proto = onnx.load(str(quantized))
-        _set_meta(proto, {**meta, "precision": "int8"})
-        with atomic_open(out) as f:
-            f.write(proto.SerializeToString())
     finally:
         logging.disable(logging.NOTSET)
-        prepared.unlink(missing_ok=True)
-        quantized.unlink(missing_ok=True)
+    proto = onnx.load(str(quantized))
+    _set_meta(proto, {**meta, "precision": "int8"})
+    write_bytes(out, proto.SerializeToString())
 
 
 def run(
@@ -235,22 +237,21 @@ def run(
     wrapper = WithSoftmax(model.float().eval()).eval()
     suffix = {"torchscript": ".torchscript.pt", "onnx": ".int8.onnx" if int8 else ".onnx"}[fmt]
     out_path = Path(out) if out else checkpoint_path.with_name(checkpoint_path.stem + suffix)
-    ensure_writable_dir(out_path.parent)
+    prepare_output(out_path, [checkpoint_path], "--out")
+    remove_stale_temps(Path(os.path.realpath(out_path)).parent)
     export_meta = {**meta, "precision": "int8" if int8 else "fp32", "source": checkpoint_path.name}
 
+    fp32_bytes = None
     if fmt == "torchscript":
         _write_torchscript(wrapper, export_meta, out_path)
     elif not int8:
         _write_onnx(wrapper, export_meta, out_path)
     else:
-        fp32_tmp = out_path.with_name(f".{out_path.name}.fp32.onnx")
-        try:
-            _write_onnx(wrapper, export_meta, fp32_tmp)
-            _quantize_int8(
-                fp32_tmp, out_path, _train_images(data_dir, calibration_images), export_meta
-            )
-        finally:
-            fp32_tmp.unlink(missing_ok=True)
+        fp32_bytes = _onnx_proto(wrapper, export_meta).SerializeToString()
+        with temp_dir_beside(out_path) as scratch:
+            (scratch / "fp32.onnx").write_bytes(fp32_bytes)
+            calibration = _train_images(data_dir, calibration_images)
+            _quantize_int8(scratch / "fp32.onnx", out_path, calibration, export_meta)
 
     # ---- parity against the eager fp32 model
     if parity_images is None:
@@ -261,7 +262,8 @@ def run(
     def eager(batch: np.ndarray) -> np.ndarray:
         return wrapper(torch.from_numpy(batch)).numpy()
 
-    exported = inference.load(out_path, backend=fmt, batch_size=64)
+    # allow_code: the TorchScript file is the one we have just written.
+    exported = inference.load(out_path, backend=fmt, batch_size=64, allow_code=True)
     p_eager = _batched(eager, images)
     p_export = _batched(exported.run, images)
     parity = Parity(
@@ -274,13 +276,11 @@ def run(
         parity.accuracy_eager = float((p_eager.argmax(1) == labels).mean())
         parity.accuracy_export = float((p_export.argmax(1) == labels).mean())
     speed = {}
-    if int8:
-        fp32_tmp = out_path.with_name(f".{out_path.name}.speed.onnx")
-        try:
-            _write_onnx(wrapper, export_meta, fp32_tmp)
-            speed["onnxruntime fp32"] = _rate(inference.load(fp32_tmp, backend="onnx").run, images)
-        finally:
-            fp32_tmp.unlink(missing_ok=True)
+    if fp32_bytes is not None:
+        with temp_dir_beside(out_path) as scratch:
+            (scratch / "fp32.onnx").write_bytes(fp32_bytes)
+            fp32 = inference.load(scratch / "fp32.onnx", backend="onnx")
+            speed["onnxruntime fp32"] = _rate(fp32.run, images)
         speed["onnxruntime int8"] = _rate(exported.run, images)
     # int8 cannot match fp32 to 1e-4; its bar is accuracy (reported) and most top-1 agreeing.
     passed = parity.top1_agreement >= 0.97 if int8 else parity.ok(PROB_TOLERANCE)

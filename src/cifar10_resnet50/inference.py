@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import UserError, first_line
 from .fileio import require_file
+from .meta import validate_meta
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ def _torch_runner(model, device, amp_dtype) -> Callable[[np.ndarray], np.ndarray
     return run
 
 
+TORCHSCRIPT_FLAG = "--allow-torchscript-code"
+
+
 def load(
     path: str | Path,
     *,
@@ -98,48 +102,116 @@ def load(
     precision: str = "fp32",
     batch_size: int = 64,
     threads: int | None = None,
+    allow_code: bool = False,
 ) -> Predictor:
-    """Load a checkpoint or an export; every problem is a one-line UserError."""
+    """Load a checkpoint or an export and validate it; every problem is a one-line UserError.
+
+    TorchScript files are programs (they can read and write files when called), so they load
+    only with ``allow_code`` (the CLI's ``--allow-torchscript-code``). Checkpoints load with
+    ``weights_only`` and ONNX graphs have no file access, so neither needs it.
+    """
     path = require_file(path, "model")
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {BACKENDS}")
     kind = detect_backend(path) if backend == "auto" else backend
     if kind == "onnx":
-        return _load_onnx(path, batch_size, threads)
+        predictor = _load_onnx(path, batch_size, threads)
+    elif kind == "torchscript":
+        if not allow_code:
+            raise UserError(
+                f"{path} is TorchScript, which is code that runs with your permissions (it can "
+                f"read and write files); load it only if you trust its source, with "
+                f"{TORCHSCRIPT_FLAG}, or use the checkpoint or an ONNX export instead"
+            )
+        predictor = _load_torchscript(path, device, batch_size, threads)
+    else:
+        predictor = _load_checkpoint(path, device, precision, batch_size, threads)
+    _probe(predictor)
+    return predictor
 
+
+def _probe(predictor: Predictor) -> None:
+    """Run two images through the model once: the output must be finite probabilities of
+    the size the metadata names. Catches NaN weights in exports, a head that disagrees with
+    the class list, and graphs that fail at run time, at load rather than per request."""
+    n = len(predictor.meta["classes"])
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    images[1] = 255
+    try:
+        probs = predictor.probabilities(images)
+    except Exception as e:  # a graph that loads but cannot run
+        raise UserError(
+            f"{predictor.path}: the model fails on a test batch ({first_line(e)})"
+        ) from None
+    if probs.shape != (2, n):
+        raise UserError(
+            f"{predictor.path}: the model outputs {probs.shape[1:]} values per image but its "
+            f"metadata names {n} classes; the file is damaged or not ours"
+        )
+    if not np.isfinite(probs).all():
+        raise UserError(
+            f"{predictor.path}: the model outputs NaN or inf (non-finite weights); "
+            "it cannot predict. Use another model file."
+        )
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _load_torchscript(path: Path, device: str, batch_size: int, threads: int | None) -> Predictor:
     import torch
 
-    from .runtime import pick_device, pick_precision
+    from .runtime import pick_device
 
-    if threads:
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     dev = pick_device(device)
-    if kind == "torchscript":
-        files = {"meta.json": ""}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
-                module = torch.jit.load(str(path), map_location=dev, _extra_files=files)
-        except Exception as e:
-            raise UserError(f"{path}: not a TorchScript export ({first_line(e)})") from e
-        meta = json.loads(files["meta.json"] or "{}")
-        if "classes" not in meta:
-            raise UserError(f"{path}: TorchScript file without cifar10-resnet50 metadata")
-        module.eval()
+    files = {"meta.json": ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
+            module = torch.jit.load(str(path), map_location=dev, _extra_files=files)
+    except Exception as e:
+        raise UserError(f"{path}: not a TorchScript export ({first_line(e)})") from None
+    meta = validate_meta(_json_meta(files["meta.json"], path, "TorchScript"), str(path))
+    module.eval()
 
-        @torch.no_grad()
-        def run(batch: np.ndarray) -> np.ndarray:
-            return module(torch.from_numpy(batch).to(dev)).float().cpu().numpy()
+    @torch.no_grad()
+    def run(batch: np.ndarray) -> np.ndarray:
+        return module(torch.from_numpy(batch).to(dev)).float().cpu().numpy()
 
-        return Predictor("torchscript", path, meta, run, batch_size, "fp32")
+    return Predictor("torchscript", path, meta, run, batch_size, "fp32")
+
+
+def _load_checkpoint(
+    path: Path, device: str, precision: str, batch_size: int, threads: int | None
+) -> Predictor:
+    import torch
 
     from . import checkpoint
+    from .runtime import pick_device, pick_precision
 
+    _set_threads(threads)
+    dev = pick_device(device)
     model, meta = checkpoint.load_model(path, dev)
     model = model.to(memory_format=torch.channels_last)
     amp = pick_precision(precision, dev)
     label = str(amp).replace("torch.", "") if amp else "fp32"
     return Predictor("torch", path, meta, _torch_runner(model, dev, amp), batch_size, label)
+
+
+def _json_meta(text: str | bytes | None, path: Path, kind: str) -> Any:
+    if not text:
+        raise UserError(
+            f"{path}: {kind} file without cifar10-resnet50 metadata (export it with us)"
+        )
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}: its cifar10-resnet50 metadata is not valid JSON") from None
 
 
 def _load_onnx(path: Path, batch_size: int, threads: int | None) -> Predictor:
@@ -154,12 +226,13 @@ def _load_onnx(path: Path, batch_size: int, threads: int | None) -> Predictor:
     try:
         session = ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
     except Exception as e:  # ORT raises its own exception types for bad files
-        raise UserError(f"{path}: not a readable ONNX model ({first_line(e)})") from e
+        raise UserError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
     props = session.get_modelmeta().custom_metadata_map
-    if META_KEY not in props:
-        raise UserError(f"{path}: ONNX file without cifar10-resnet50 metadata (export it with us)")
-    meta = json.loads(props[META_KEY])
-    input_name = session.get_inputs()[0].name
+    meta = validate_meta(_json_meta(props.get(META_KEY), path, "ONNX"), str(path))
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise UserError(f"{path}: expected one input (uint8 images), found {len(inputs)}")
+    input_name = inputs[0].name
 
     def run(batch: np.ndarray) -> np.ndarray:
         return session.run(None, {input_name: batch})[0].astype(np.float32, copy=False)

@@ -6,6 +6,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _save(fig, path: str | Path) -> None:
+    """Render in memory, then write atomically (a full disk is one clear error, no torn PNG)."""
+    import io
+
+    from .fileio import write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    write_bytes(path, buf.getbuffer())
+
+
 def _pyplot():
     import matplotlib
 
@@ -32,8 +43,10 @@ def training_curves(rows: list[dict[str, Any]], path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def confusion_png(confusion: list[list[int]], classes: list[str], path: str | Path) -> None:
@@ -59,5 +72,7 @@ def confusion_png(confusion: list[list[int]], classes: list[str], path: str | Pa
             )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -8,10 +8,12 @@ used is reported and skipped, and the rest are still predicted.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,13 @@ class Rejected:
 class Prediction:
     path: str
     top: list[tuple[str, float]]
+    width: int | None = None  # the image's size after EXIF orientation
+    height: int | None = None
+
+
+# Folders nest at most this deep below each argument: far past any photo library, and a
+# bound on the walk even where links make the tree infinite.
+MAX_DEPTH = 32
 
 
 def _image_extensions() -> set[str]:
@@ -42,25 +51,105 @@ def _image_extensions() -> set[str]:
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
+def _walk(root: Path, max_depth: int = MAX_DEPTH) -> Iterator[Path]:
+    """Every file under ``root``, following links, visiting each real folder once.
+
+    Folders are remembered by (device, inode), so links back to an ancestor (or two links to
+    one folder) cannot loop; ``os.walk`` with ``followlinks`` alone would never end on them.
+    """
+    seen: set[tuple[int, int]] = set()
+    stack = [(root, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            st = folder.stat()
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except OSError:
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():
+                    if depth < max_depth:
+                        stack.append((path, depth + 1))
+                elif entry.is_file():
+                    yield path
+            except OSError:
+                continue
+
+
+def _split_glob(pattern: str) -> tuple[Path, list[str]]:
+    """``a/b/**/*.png`` → (Path("a/b"), ["**", "*.png"]): the literal prefix and the rest."""
+    parts = Path(pattern).parts
+    literal = 0
+    while literal < len(parts) - 1 and not glob.has_magic(parts[literal]):
+        literal += 1
+    base = Path(*parts[:literal]) if literal else Path(".")
+    return base, list(parts[literal:])
+
+
+def _match(parts: tuple[str, ...], pattern: list[str]) -> bool:
+    """Glob semantics per path component; ``**`` matches zero or more folders. Names starting
+    with a dot match only patterns that start with one, as in the shell and ``glob``."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        for i in range(len(parts) + 1):
+            if i > 0 and parts[i - 1].startswith("."):
+                return False  # ** does not enter hidden folders
+            if _match(parts[i:], rest):
+                return True
+        return False
+    if not parts:
+        return False
+    name = parts[0]
+    if name.startswith(".") and not head.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(name, head) and _match(parts[1:], rest)
+
+
+def _glob(pattern: str) -> list[Path]:
+    base, rest = _split_glob(pattern)
+    depth = MAX_DEPTH if "**" in rest else len(rest) - 1
+    return sorted(p for p in _walk(base, depth) if _match(p.relative_to(base).parts, rest))
+
+
 def expand(paths: list[str]) -> tuple[list[Path], list[Rejected]]:
-    """Files to predict, in a stable order, and the arguments that named nothing."""
+    """Files to predict, in a stable order, each real file once, and the arguments that
+    named nothing. Folders are searched recursively for extensions Pillow knows; glob
+    patterns (``**`` too) are expanded here, with the same loop-proof walk."""
     found: list[Path] = []
     missing: list[Rejected] = []
+    seen: set[tuple[int, int]] = set()
     extensions = None
+
+    def add(candidates: list[Path]) -> None:
+        for f in candidates:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                found.append(f)
+
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
             extensions = extensions or _image_extensions()
-            found.extend(
-                sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in extensions)
-            )
+            add(sorted(f for f in _walk(p) if f.suffix.lower() in extensions))
         elif p.is_file():
-            found.append(p)
+            add([p])
         elif glob.has_magic(arg):
-            matches = sorted(Path(m) for m in glob.glob(arg, recursive=True) if Path(m).is_file())
+            matches = _glob(arg)
             if not matches:
                 missing.append(Rejected(arg, "no files match this pattern"))
-            found.extend(matches)
+            add(matches)
         else:
             missing.append(Rejected(arg, "no such file or folder"))
     return found, missing
@@ -79,44 +168,58 @@ def predict_files(
         results: list[Prediction | Rejected | None] = [None] * len(chunk)
         for i, path in enumerate(chunk):
             try:
-                decoded.append((i, images_lib.read_file(path).pixels))
+                decoded.append((i, images_lib.read_file(path)))
             except images_lib.ImageError as e:
                 results[i] = Rejected(str(path), str(e))
         if decoded:
-            probs = predictor.probabilities(np.stack([px for _, px in decoded]))
-            for (i, _), top in zip(decoded, predictor.top_k(probs, top_k), strict=True):
-                results[i] = Prediction(str(chunk[i]), top)
+            probs = predictor.probabilities(np.stack([d.pixels for _, d in decoded]))
+            for (i, d), top in zip(decoded, predictor.top_k(probs, top_k), strict=True):
+                results[i] = Prediction(str(chunk[i]), top, *d.original_size)
         bar.update(len(chunk))
         yield from (r for r in results if r is not None)
     bar.close()
 
 
 def render(predictions: list[Prediction], fmt: str) -> str:
+    """Results as text. Names: JSON and CSV keep them exactly (a name that is not UTF-8 keeps
+    its bytes as Python's surrogate escapes: ``\udcff`` in JSON; :func:`encode` writes the
+    original bytes back in CSV); the table escapes control characters and those bytes
+    (``\x1b``, ``\n``, ``\xff``) so a hostile name cannot drive the terminal or split a row."""
     if fmt == "json":
         rows = [
             {
                 "path": p.path,
+                "width": p.width,
+                "height": p.height,
                 "top": [{"label": lab, "probability": round(pr, 6)} for lab, pr in p.top],
             }
             for p in predictions
         ]
-        return json.dumps(rows, indent=2) + "\n"
+        # ensure_ascii: lone surrogates become \udcXX escapes, valid JSON text on any stream.
+        return json.dumps(rows, indent=2, ensure_ascii=True) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["path", "rank", "label", "probability"])
+        writer.writerow(["path", "width", "height", "rank", "label", "probability"])
         for p in predictions:
             for rank, (lab, pr) in enumerate(p.top, 1):
-                writer.writerow([p.path, rank, lab, f"{pr:.6f}"])
+                writer.writerow([p.path, p.width, p.height, rank, lab, f"{pr:.6f}"])
         return buf.getvalue()
     if not predictions:
         return ""
-    width = min(max(len(p.path) for p in predictions), 60)
+    names = [images_lib.printable(p.path) for p in predictions]
+    width = min(max(len(n) for n in names), 60)
     k = len(predictions[0].top)
     header = f"{'file':<{width}}  " + "  ".join(f"{'top ' + str(r):<20}" for r in range(1, k + 1))
     lines = [header]
-    for p in predictions:
-        name = p.path if len(p.path) <= width else "…" + p.path[-(width - 1) :]
+    for name, p in zip(names, predictions, strict=True):
+        name = name if len(name) <= width else "…" + name[-(width - 1) :]
         cells = "  ".join(f"{lab + f' {100 * pr:.1f}%':<20}" for lab, pr in p.top)
         lines.append(f"{name:<{width}}  {cells}")
     return "\n".join(lines) + "\n"
+
+
+def encode(text: str) -> bytes:
+    """Rendered text → bytes for a file or stdout: UTF-8, with the surrogate escapes of
+    non-UTF-8 file names turned back into their original bytes (so CSV names are exact)."""
+    return text.encode("utf-8", "surrogateescape")

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -24,15 +25,16 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import images as images_lib
 from .config import ServeConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .inference import Predictor
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ STATUS_FOR_KIND = {
     "empty": 422,
     "undecodable": 422,
     "too_many_pixels": 422,
+    "too_slow": 422,
 }
 
 
@@ -51,6 +54,20 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def _timeout(settings: ServeConfig, stage: str) -> ApiError:
+    return ApiError(504, "timeout", f"no result within {settings.timeout_s:g} s ({stage})")
+
+
+class Deadline:
+    """One request's time limit, shared by every stage (reading, decoding, queueing, model)."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
 
 
 class MicroBatcher:
@@ -79,8 +96,9 @@ class MicroBatcher:
             await asyncio.gather(self.task, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, pixels: np.ndarray) -> np.ndarray:
+    async def submit(self, pixels: np.ndarray, deadline: Deadline | None = None) -> np.ndarray:
         """uint8 [N,32,32,3] → probabilities [N,C]; raises ApiError 503/504."""
+        deadline = deadline or Deadline(self.settings.timeout_s)
         n = len(pixels)
         if self.waiting + n > self.settings.queue_images:
             raise ApiError(
@@ -90,12 +108,10 @@ class MicroBatcher:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         await self.queue.put((pixels, future))
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.settings.timeout_s)
+            return await asyncio.wait_for(asyncio.shield(future), deadline.left())
         except TimeoutError:
             future.cancel()  # the worker skips it if it has not run yet
-            raise ApiError(
-                504, "timeout", f"no result within {self.settings.timeout_s:g} s"
-            ) from None
+            raise _timeout(self.settings, "waiting for the model") from None
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -129,12 +145,73 @@ class MicroBatcher:
                             fut.set_result(probs[offset : offset + len(px)])
                         offset += len(px)
             except Exception as e:  # an inference failure fails its requests, not the server
-                log.exception("inference failed")
+                log.error("inference failed: %s: %s", type(e).__name__, e)
                 for _, fut in live:
                     if not fut.done():
                         fut.set_exception(ApiError(500, "inference_failed", str(e)))
             finally:
                 self.waiting -= sum(len(px) for px, _ in batch)
+
+
+class Decoder:
+    """Decodes uploads with bounded concurrency and bounded cost, fairly across requests.
+
+    At most ``decode_workers`` images decode at once, in their own threads; each request
+    decodes its images one after another, queueing (FIFO) for a thread each time, so one
+    request with 64 hostile images holds one thread at a time and a good request behind it
+    waits for at most the images already running. Each image has its own deadline inside
+    ``images.decode``; the request's deadline covers the queueing too, and what is still queued
+    when it passes is dropped, never run.
+    """
+
+    def __init__(self, settings: ServeConfig):
+        self.settings = settings
+        workers = settings.decode_workers or os.cpu_count() or 1
+        self.executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        self.slots = asyncio.Semaphore(workers)
+
+    async def _run(self, deadline: Deadline, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(deadline.left()):
+                async with self.slots:
+                    return await loop.run_in_executor(self.executor, lambda: fn(*args, **kw))
+        except TimeoutError:
+            raise _timeout(self.settings, "decoding") from None
+
+    async def decode(
+        self, files: list[tuple[str, bytes]], deadline: Deadline
+    ) -> list[images_lib.Decoded]:
+        s = self.settings
+        pixels = await self._run(
+            deadline, lambda: [images_lib.header_pixels(data, s.max_pixels) for _, data in files]
+        )
+        if sum(pixels) > s.max_request_pixels:
+            raise ApiError(
+                413,
+                "too_many_pixels",
+                f"the request's images hold {sum(pixels):,} pixels; at most "
+                f"{s.max_request_pixels:,} per request (send fewer or smaller images)",
+            )
+        out = []
+        for name, data in files:
+            try:
+                out.append(
+                    await self._run(
+                        deadline,
+                        images_lib.decode,
+                        data,
+                        name,
+                        max_pixels=s.max_pixels,
+                        max_seconds=s.decode_timeout_s,
+                    )
+                )
+            except images_lib.ImageError as e:
+                raise ApiError(STATUS_FOR_KIND.get(e.kind, 422), e.kind, str(e)) from None
+        return out
+
+    def stop(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _metrics():
@@ -163,8 +240,100 @@ def _metrics():
     }
 
 
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    return JSONResponse(
+        {"error": {"status": status, "code": code, "message": message}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Our ApiError, and FastAPI's own errors (bad query values, unknown paths, wrong
+    methods), all answer ``{"error": {"status", "code", "message"}}``: one format to parse."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in exc.errors()
+        )
+        return _error(422, "invalid_request", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+
+async def _read_body(request: Request, settings: ServeConfig) -> bytes:
+    """The body, refused (413) as soon as it passes the limit, before it is all in memory."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+        raise ApiError(
+            413, "too_large", f"body of {int(declared):,} bytes exceeds {settings.max_body_bytes:,}"
+        )
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise ApiError(413, "too_large", f"body exceeds {settings.max_body_bytes:,} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        client = request.client.host if request.client else "?"
+        log.info("client %s disconnected during the upload (%d bytes received)", client, size)
+        raise ApiError(400, "client_disconnected", "the client went away") from None
+    return b"".join(chunks)
+
+
+async def _uploads(request: Request, settings: ServeConfig) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each uploaded image: multipart files, or one raw image body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await _read_body(request, settings)
+    if ctype == "multipart/form-data":
+        request._body = body  # let Starlette parse what we already read, within our limit
+        try:
+            form = await request.form(
+                max_files=settings.max_files, max_part_size=settings.max_body_bytes
+            )
+        except Exception as e:  # malformed multipart, too many files
+            raise ApiError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from e
+        files = [
+            (getattr(v, "filename", None) or k, await v.read())
+            for k, v in form.multi_items()
+            if hasattr(v, "read")
+        ]
+        if not files:
+            raise ApiError(400, "no_file", "no file in the form; send field 'file' (or several)")
+        if len(files) > settings.max_files:
+            raise ApiError(
+                413, "too_many_files", f"at most {settings.max_files} images per request"
+            )
+        return files
+    if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
+        return [("body", body)]
+    raise ApiError(
+        415, "not_image", f"content type {ctype!r}: send an image or multipart/form-data"
+    )
+
+
+PREDICT_DOC = (
+    "Multipart form with one or more image files (any field name), or a raw image body "
+    "(image/* or application/octet-stream). Returns the top-k labels and probabilities for "
+    "each image, in order. Errors: 413 body, image or request pixels too large, 415 not an "
+    "image, 422 undecodable/truncated/too many pixels/too slow to decode, 503 busy "
+    "(Retry-After), 504 past the request deadline."
+)
+
+
 def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | None = None):
-    """The ASGI app. The model loads in the background: /readyz is 503 until it is ready."""
+    """The ASGI app. The model loads in the background: /readyz is 503 until it is ready,
+    and says why if it failed (a damaged model file is refused at load, never a 500 later)."""
     settings = settings or ServeConfig()
     registry, m = _metrics()
     state: dict[str, Any] = {"predictor": None, "batcher": None, "error": None}
@@ -172,160 +341,65 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
     async def load() -> None:
         try:
             predictor = await asyncio.to_thread(load_predictor)
-            predictor.probabilities(np.zeros((1, 32, 32, 3), np.uint8))  # warm-up
             batcher = MicroBatcher(predictor.probabilities, settings, m["batch"].observe)
             batcher.start()
             state["predictor"], state["batcher"] = predictor, batcher
             log.info("model ready: %s (%s)", predictor.path, predictor.backend)
         except Exception as e:
-            state["error"] = str(e)
-            log.error("model failed to load: %s", e)
+            state["error"] = first_line(e)
+            log.error("model failed to load: %s", state["error"])
 
     @asynccontextmanager
     async def lifespan(app):
         loader = asyncio.create_task(load())
+        decoder = state["decoder"] = Decoder(settings)
         yield
         loader.cancel()
+        decoder.stop()
         if state["batcher"]:
             await state["batcher"].stop()
 
     app = FastAPI(
         title="cifar10-resnet50",
-        description="CIFAR-10 classification with a fine-tuned ResNet-50. "
+        description="Image classification with a fine-tuned ResNet-50. "
         "POST images to /predict; see the web page at /.",
         lifespan=lifespan,
     )
-
-    def error(status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        return JSONResponse(
-            {"error": {"status": status, "code": code, "message": message}},
-            status_code=status,
-            headers=headers,
-        )
-
     app.add_middleware(_Observe, requests=m["requests"], latency=m["latency"])
+    _install_error_handlers(app)
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        return error(exc.status, exc.code, exc.message, exc.headers)
-
-    # FastAPI's own errors (bad query values, unknown paths, wrong methods) get the same JSON
-    # shape as ours, so a client parses one error format.
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', '')}"
-            for e in exc.errors()
-        )
-        return error(422, "invalid_request", problems or "invalid request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+    def ready() -> tuple[Predictor, MicroBatcher]:
+        if state["batcher"] is None:
+            reason = state["error"] and f"model failed to load: {state['error']}"
             raise ApiError(
-                413,
-                "too_large",
-                f"body of {int(declared):,} bytes exceeds {settings.max_body_bytes:,}",
+                503, "not_ready", reason or "model is still loading", {"Retry-After": "2"}
             )
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.max_body_bytes:
-                raise ApiError(413, "too_large", f"body exceeds {settings.max_body_bytes:,} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def uploaded(request: Request) -> list[tuple[str, bytes]]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await read_body(request)
-        if ctype == "multipart/form-data":
-            request._body = body  # let Starlette parse what we already read, within our limit
-            try:
-                form = await request.form(
-                    max_files=settings.max_files, max_part_size=settings.max_body_bytes
-                )
-            except Exception as e:  # malformed multipart, too many files
-                raise ApiError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from e
-            files = [
-                (getattr(v, "filename", None) or k, await v.read())
-                for k, v in form.multi_items()
-                if hasattr(v, "read")
-            ]
-            if not files:
-                raise ApiError(
-                    400, "no_file", "no file in the form; send field 'file' (or several)"
-                )
-            if len(files) > settings.max_files:
-                raise ApiError(
-                    413, "too_many_files", f"at most {settings.max_files} images per request"
-                )
-            return files
-        if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
-            return [("body", body)]
-        raise ApiError(
-            415, "not_image", f"content type {ctype!r}: send an image or multipart/form-data"
-        )
+        return state["predictor"], state["batcher"]
 
     @app.post(
-        "/predict",
-        summary="Top-k classes for one or several images",
-        description="Multipart form with one or more image files (any field name), or a raw "
-        "image body (image/* or application/octet-stream). Returns the top-k labels and "
-        "probabilities for each image, in order. Errors: 413 body too large, 415 not an image, "
-        "422 undecodable/truncated/too many pixels, 503 busy (Retry-After), 504 timeout.",
+        "/predict", summary="Top-k classes for one or several images", description=PREDICT_DOC
     )
-    async def predict(request: Request, top_k: int | None = None):
-        batcher: MicroBatcher | None = state["batcher"]
-        if batcher is None:
-            raise ApiError(
-                503,
-                "not_ready",
-                "model is still loading"
-                if not state["error"]
-                else f"model failed to load: {state['error']}",
-                {"Retry-After": "2"},
-            )
-        files = await uploaded(request)
-        decoded = []
-        for name, payload in files:
-            try:
-                decoded.append(
-                    await asyncio.to_thread(
-                        images_lib.decode, payload, name, max_pixels=settings.max_pixels
-                    )
-                )
-            except images_lib.ImageError as e:
-                raise ApiError(STATUS_FOR_KIND.get(e.kind, 422), e.kind, str(e)) from e
-        probs = await batcher.submit(np.stack([d.pixels for d in decoded]))
+    async def predict(request: Request, top_k: int | None = Query(None, ge=1)):
+        predictor, batcher = ready()
+        deadline = Deadline(settings.timeout_s)
+        try:
+            files = await asyncio.wait_for(_uploads(request, settings), deadline.left())
+        except TimeoutError:
+            raise _timeout(settings, "reading the upload") from None
+        decoded = await state["decoder"].decode(files, deadline)
+        probs = await batcher.submit(np.stack([d.pixels for d in decoded]), deadline)
         m["images"].inc(len(decoded))
-        predictor: Predictor = state["predictor"]
-        k = settings.top_k if top_k is None else max(1, min(top_k, len(predictor.classes)))
-        return {
-            "predictions": [
-                {
-                    "filename": name,
-                    "width": d.original_size[0],
-                    "height": d.original_size[1],
-                    "top": [{"label": lab, "probability": round(p, 6)} for lab, p in top],
-                }
-                for (name, _), d, top in zip(files, decoded, predictor.top_k(probs, k), strict=True)
-            ]
-        }
+        k = settings.top_k if top_k is None else top_k
+        rows = zip(files, decoded, predictor.top_k(probs, k), strict=True)
+        return {"predictions": [_prediction(name, d, top) for (name, _), d, top in rows]}
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: the model is loaded")
+    @app.get("/readyz", summary="Readiness: the model is loaded (else 503 and why)")
     async def readyz():
-        if state["predictor"] is None:
-            return error(503, "not_ready", state["error"] or "model is loading")
-        p: Predictor = state["predictor"]
+        p, _ = ready()
         return {
             "status": "ready",
             "backend": p.backend,
@@ -336,9 +410,7 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
 
     @app.get("/labels", summary="Class names, in output order")
     async def labels():
-        if state["predictor"] is None:
-            return error(503, "not_ready", "model is loading")
-        return {"labels": state["predictor"].classes}
+        return {"labels": ready()[0].classes}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics():
@@ -351,6 +423,15 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
         return resources.files("cifar10_resnet50").joinpath("static/index.html").read_text("utf-8")
 
     return app
+
+
+def _prediction(name: str, d: images_lib.Decoded, top: list[tuple[str, float]]) -> dict:
+    return {
+        "filename": name,
+        "width": d.original_size[0],
+        "height": d.original_size[1],
+        "top": [{"label": lab, "probability": round(p, 6)} for lab, p in top],
+    }
 
 
 _KNOWN_PATHS = {"/predict", "/healthz", "/readyz", "/labels", "/metrics", "/"}
@@ -427,6 +508,7 @@ def run(
     precision: str,
     threads: int | None,
     settings: ServeConfig,
+    allow_code: bool = False,
 ) -> None:
     import uvicorn
 
@@ -440,6 +522,7 @@ def run(
             precision=precision,
             batch_size=settings.max_batch,
             threads=threads,
+            allow_code=allow_code,
         )
 
     check_can_listen(host, port)
@@ -447,4 +530,56 @@ def run(
         log.warning(warning)
     app = create_app(load, settings)
     # uvloop/httptools when installed (uvicorn[standard]): measurably less per-request overhead.
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        http=http_protocol(settings.max_header_bytes),
+        h11_max_incomplete_event_size=settings.max_header_bytes,  # the h11 fallback's bound
+    )
+
+
+def http_protocol(max_header_bytes: int) -> Any:
+    """uvicorn's httptools protocol with a bound on the request line + headers, or "h11"
+    (which has its own bound) when httptools is missing.
+
+    httptools accumulates a header of any size in memory before calling back (a 64 MiB header
+    was accepted), so the bound is enforced on the bytes received while headers are open.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "h11"
+
+    class BoundedHeaders(HttpToolsProtocol):
+        _head_bytes = 0
+        _in_head = True
+
+        def on_headers_complete(self) -> None:
+            self._in_head, self._head_bytes = False, 0
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head = True
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            if self._in_head and self._head_bytes > max_header_bytes:
+                log.warning(
+                    "request headers from %s over %d bytes; refused (431)",
+                    self.client[0] if self.client else "?",
+                    max_header_bytes,
+                )
+                self.transport.write(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                    b"content-length: 0\r\nconnection: close\r\n\r\n"
+                )
+                self.transport.close()
+                self._in_head, self._head_bytes = False, 0
+
+    return BoundedHeaders
