@@ -1,6 +1,7 @@
 """A real uvicorn server on loopback: a bounded load test, an overload burst, and the web page
 in headless Chromium."""
 
+import io
 import os
 import shutil
 import threading
@@ -19,9 +20,9 @@ from cifar10_resnet50.config import ServeConfig
 
 
 class LiveServer:
-    def __init__(self, app):
+    def __init__(self, app, **config):
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config)
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -111,6 +112,66 @@ def test_burst_beyond_the_queue_gets_503s_not_crashes(tiny_checkpoint, real_pngs
             live.url + "/predict", content=body, headers={"content-type": "image/png"}, timeout=30
         )
         assert after.status_code == 200
+
+
+def test_good_uploads_stay_fast_while_hostile_ones_hammer_the_decoder(tiny_checkpoint, real_pngs):
+    """6 clients keep uploading 40 MP PNGs (each ~0.6 s of decoding here) while 4 clients
+    send CIFAR-sized images: decoding is bounded and fair, so the good requests' p99 stays far
+    under the request deadline (before: six hostile uploads held every decode thread and a good
+    32×32 PNG waited 241 s)."""
+    settings = ServeConfig(timeout_s=10.0)
+    app = serve.create_app(lambda: inference.load(tiny_checkpoint, batch_size=32), settings)
+    buf = io.BytesIO()
+    Image.new("RGB", (8000, 5000), (90, 120, 200)).save(buf, "PNG")
+    hostile_body, good_body = buf.getvalue(), real_pngs[0].read_bytes()
+    with LiveServer(app) as live:
+
+        def post(body: bytes) -> tuple[int, float]:
+            t0 = time.perf_counter()
+            r = httpx.post(
+                live.url + "/predict",
+                content=body,
+                headers={"content-type": "image/png"},
+                timeout=60,
+            )
+            return r.status_code, time.perf_counter() - t0
+
+        def hostile(_):
+            return [post(hostile_body) for _ in range(5)]
+
+        def good(_):
+            time.sleep(0.5)  # arrive once the hostile uploads fill the decoder
+            return [post(good_body) for _ in range(10)]
+
+        with ThreadPoolExecutor(10) as pool:
+            bad_runs = [pool.submit(hostile, i) for i in range(6)]
+            good_runs = [pool.submit(good, i) for i in range(4)]
+            good_results = [r for f in good_runs for r in f.result()]
+            bad_results = [r for f in bad_runs for r in f.result()]
+    latencies = sorted(t for _, t in good_results)
+    p99 = latencies[int(0.99 * (len(latencies) - 1))]
+    assert {c for c, _ in good_results} == {200}
+    assert {c for c, _ in bad_results} <= {200, 422, 504}
+    assert p99 < settings.timeout_s / 2, latencies
+    print(f"good p99 {p99:.2f} s with hostile decoding running")
+
+
+def test_oversized_request_headers_get_431_and_the_connection_closes(tiny_checkpoint):
+    import socket
+
+    app = serve.create_app(lambda: inference.load(tiny_checkpoint), ServeConfig())
+    with LiveServer(app, http=serve.http_protocol(64 * 1024)) as live:
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            try:
+                for _ in range(64):  # up to 4 MiB, far past the bound
+                    s.sendall(b"a" * 65536)
+            except OSError:  # the server closed the connection: what we want
+                pass
+            reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 431")
+        assert httpx.get(live.url + "/healthz").status_code == 200
 
 
 def _browser_or_skip():

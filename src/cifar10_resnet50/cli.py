@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_number(float, 0, above=True),
         default=defaults.timeout_s,
-        help=f"seconds per request before 504 (default {defaults.timeout_s:g})",
+        help=f"seconds per request (upload, decoding, queue, model) before 504 (default {defaults.timeout_s:g})",
     )
     sv.add_argument(
         "--max-body-mb",
@@ -389,7 +389,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pixels",
         type=POSITIVE_INT,
         default=defaults.max_pixels,
-        help=f"per image (default {defaults.max_pixels:,})",
+        help=f"per image, checked from the header (default {defaults.max_pixels:,})",
+    )
+    sv.add_argument(
+        "--max-request-pixels",
+        type=POSITIVE_INT,
+        default=defaults.max_request_pixels,
+        help=f"all images of one request together (default {defaults.max_request_pixels:,})",
+    )
+    sv.add_argument(
+        "--decode-timeout",
+        type=_number(float, 0, above=True),
+        default=defaults.decode_timeout_s,
+        help=f"seconds to decode one image before 422 (default {defaults.decode_timeout_s:g})",
+    )
+    sv.add_argument(
+        "--decode-workers",
+        type=POSITIVE_INT,
+        default=defaults.decode_workers,
+        metavar="N",
+        help="images decoded at once across requests (default: CPU cores)",
+    )
+    sv.add_argument(
+        "--max-header-kb",
+        type=POSITIVE_INT,
+        default=defaults.max_header_bytes // 1024,
+        help=f"request line + headers in KiB before 431 (default {defaults.max_header_bytes // 1024})",
     )
     _add_model_flags(sv)
     return p
@@ -569,6 +594,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         queue_images=args.queue_size,
         timeout_s=args.timeout,
+        max_request_pixels=args.max_request_pixels,
+        decode_timeout_s=args.decode_timeout,
+        decode_workers=args.decode_workers,
+        max_header_bytes=args.max_header_kb * 1024,
     )
     serve.run(
         args.model,

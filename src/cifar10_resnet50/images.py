@@ -106,6 +106,9 @@ def _pillow() -> Any:
 
     if _allowed_formats is None:
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        # Plugins warn about damaged files ("Corrupt EXIF data"); the file's fate is decided
+        # here (decoded or one error line), so their warnings would only be noise on stderr.
+        warnings.filterwarnings("ignore", module=r"PIL\.")
         Image.init()
         _allowed_formats = sorted(set(Image.OPEN) - REFUSED_FORMATS)
     return Image
@@ -123,9 +126,11 @@ def _to_rgb(im) -> Image.Image:  # noqa: F821 (PIL imported lazily)
         grey = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     if im.mode == "F":
-        arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = float(arr.min()), float(arr.max())
-        grey = ((arr - lo) / (hi - lo or 1.0) * 255.0 + 0.5).astype(np.uint8)
+        with np.errstate(all="ignore"):  # NaN/inf pixels and ranges near float max: clipped
+            arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0, neginf=0)
+            lo, hi = float(arr.min()), float(arr.max())
+            scaled = np.nan_to_num((arr - lo) / (hi - lo or 1.0) * 255.0 + 0.5)
+        grey = np.clip(scaled, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     if im.mode == "P":
         im = im.convert("RGBA")  # palette transparency becomes alpha

@@ -25,7 +25,7 @@ from . import checkpoint, data, evaluate
 from . import model as model_lib
 from .config import Config, resolve
 from .errors import UserError
-from .fileio import write_json
+from .fileio import remove_stale_temps, write_bytes, write_json
 from .runtime import Process, autocast, pick_device, pick_precision
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ def run(
         )
     if process.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # a save that was SIGKILLed leaves its temporary file
         write_json(out / "config.json", cfg.to_dict())
     torch.manual_seed(t.seed)
 
@@ -509,15 +510,29 @@ def run(
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``. A torn last line (a kill mid-append) is dropped with a
+    warning: it belongs to an epoch that was not saved, which a resumed run redoes."""
     if not path.exists():
         return []
-    return [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                log.warning("%s: dropping a torn last line (an interrupted write)", path)
+                break
+            raise UserError(
+                f"{path}: line {number} is not JSON; the file was edited or damaged. "
+                "Remove that line to resume."
+            ) from None
+    return rows
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop rows of epochs that the resumed run will redo (written after the last save)."""
     rows = [r for r in _read_metrics(path) if r["epoch"] <= epochs_done]
     if path.exists():
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        write_bytes(path, text.encode("utf-8"))
