@@ -227,12 +227,18 @@ def test_web_page_shows_the_true_label_of_an_uploaded_image(real_trained, real_p
         browser = webdriver.Chrome(service=Service(driver_path), options=options)
         try:
             browser.get(live.url + "/")
-            browser.find_element(By.ID, "file").send_keys(str(image))
-            out = WebDriverWait(browser, 30).until(
-                lambda b: b.find_element(By.CSS_SELECTOR, ".out[data-top1]")
+            bad = tmp_path / "not_an_image.png"
+            bad.write_bytes(b"plain text, not a PNG")
+            browser.find_element(By.ID, "file").send_keys(f"{image}\n{bad}")
+            WebDriverWait(browser, 30).until(
+                lambda b: "classified" in b.find_element(By.ID, "status").text
             )
+            out = browser.find_element(By.CSS_SELECTOR, ".out[data-top1]")
             top1 = out.get_attribute("data-top1")
             labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".out .label")]
+            status = browser.find_element(By.ID, "status").text
+            placeholders = browser.find_elements(By.CSS_SELECTOR, ".card .noimg")
+            kind = browser.find_element(By.ID, "kind").text
             shot = Path(os.environ.get("TEST_ARTIFACTS", tmp_path)) / "web_page.png"
             shot.parent.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(shot))
@@ -240,6 +246,10 @@ def test_web_page_shows_the_true_label_of_an_uploaded_image(real_trained, real_p
             browser.quit()
     assert top1 == expected
     assert labels[0] == expected and len(labels) == 5
+    # A rejected file is counted as rejected, shown without a broken-image icon, and a model
+    # trained from scratch is not called fine-tuned.
+    assert status == "1 image(s) classified, 1 rejected" and len(placeholders) == 1
+    assert "from scratch" in kind and "fine-tuned" not in kind
     assert shot.read_bytes()[:4] == b"\x89PNG"
 
 

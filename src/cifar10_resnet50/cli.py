@@ -158,6 +158,11 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("--no-progress", "train.progress", {"action": "store_false", "help": "no progress bars"}),
     (
+        "--threads",
+        "train.threads",
+        {"type": int, "metavar": "N", "help": "CPU threads (default: all cores)"},
+    ),
+    (
         "--optimizer",
         "optim.optimizer",
         {"choices": OPTIMIZERS, "help": "sgd (Nesterov, default) or adamw"},
@@ -229,8 +234,43 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching: ``--epoch 3`` must not silently mean ``--epochs``
+    (and a future ``--epoch-*`` flag would change its meaning). Subparsers inherit it."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and (close := difflib.get_close_matches(flag, known, n=1)):
+            hints.append(close[0])
+    return f"; did you mean {' / '.join(hints)}?" if hints else ""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, and answer an unknown flag with the closest known one of its command."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        name = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+        sub = _SUBPARSERS.get(name, parser)
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(sub, unknown)}")
+    return args
+
+
+_SUBPARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="cifar10-resnet50",
         description="Fine-tune an ImageNet ResNet-50 on CIFAR-10; evaluate, predict, export, serve.",
         epilog="Exit codes: 0 ok, 1 unexpected failure, 2 bad input, 130 interrupted.",
@@ -245,15 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="download, verify or describe CIFAR-10",
         description="Get and check CIFAR-10 (official archive or a local copy).",
     )
-    d.add_argument("action", choices=("download", "verify", "info"))
-    d.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="folder holding cifar-10-batches-py/ (else $CIFAR10_DATA_DIR, else the user cache)",
-    )
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    actions = d.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (
+        ("download", "fetch the official archive (md5-checked), extract it safely, verify it"),
+        ("verify", "check a copy: official md5s, else its full structure"),
+        ("info", "load the set (through the tensor cache) and print its shapes"),
+    ):
+        a = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        a.add_argument(
+            "--data-dir",
+            metavar="DIR",
+            help="folder holding cifar-10-batches-py/ (else $CIFAR10_DATA_DIR, else the user cache)",
+        )
+        if name == "download":
+            a.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _SUBPARSERS[f"data {name}"] = a
 
-    t = sub.add_parser(
+    t = _SUBPARSERS["train"] = sub.add_parser(
         "train",
         help="fine-tune ResNet-50 on CIFAR-10",
         description="Fine-tune ResNet-50 on CIFAR-10, then evaluate the best checkpoint on the test set. "
@@ -274,24 +322,38 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
         t.add_argument(flag, dest=key, default=S, **kwargs)
 
-    e = sub.add_parser(
+    e = _SUBPARSERS["evaluate"] = sub.add_parser(
         "evaluate",
         help="test-set accuracy, per-class accuracy, confusion matrix",
         description="Evaluate a checkpoint on the CIFAR-10 test set.",
     )
-    e.add_argument("checkpoint", metavar="CHECKPOINT")
-    e.add_argument("--data-dir", metavar="DIR")
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint, e.g. runs/X/best.pt")
+    e.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder holding cifar-10-batches-py/ (else $CIFAR10_DATA_DIR, else the user cache)",
+    )
     e.add_argument(
         "--out",
         metavar="DIR",
         help="where metrics.json and confusion.{json,png} go (default: CHECKPOINT's folder/eval)",
     )
     e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
-    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    e.add_argument("--precision", choices=PRECISIONS, default="auto")
-    e.add_argument("--batch-size", type=POSITIVE_INT, default=500)
+    e.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="default auto (cuda if available)",
+    )
+    e.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="default auto: bf16 where fast (as training); fp32 for bit-exact comparisons",
+    )
+    e.add_argument("--batch-size", type=POSITIVE_INT, default=500, help="default 500")
 
-    pr = sub.add_parser(
+    pr = _SUBPARSERS["predict"] = sub.add_parser(
         "predict",
         help="top-k classes for image files, folders or globs",
         description="Predict CIFAR-10 classes for your images (any format Pillow reads). "
@@ -310,12 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--top-k", type=POSITIVE_INT, default=3, help="default 3; more than 10 shows all 10"
     )
-    pr.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    pr.add_argument("--output", metavar="FILE", help="write results here instead of stdout")
-    pr.add_argument("--batch-size", type=POSITIVE_INT, default=64)
+    pr.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="default table"
+    )
+    pr.add_argument(
+        "--output", metavar="FILE", help="write results here instead of stdout ('-': stdout)"
+    )
+    pr.add_argument(
+        "--batch-size", type=POSITIVE_INT, default=64, help="images per model call (default 64)"
+    )
     _add_model_flags(pr)
 
-    x = sub.add_parser(
+    x = _SUBPARSERS["export"] = sub.add_parser(
         "export",
         help="TorchScript or ONNX export with a parity check",
         description="Export a checkpoint with preprocessing and softmax inside (input: uint8 "
@@ -323,7 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
         "eager model on CIFAR-10 test images. Exit 1 if the parity check fails.",
     )
     x.add_argument("checkpoint", metavar="CHECKPOINT")
-    x.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    x.add_argument(
+        "--format",
+        choices=("torchscript", "onnx"),
+        required=True,
+        help="onnx (runs anywhere ONNX Runtime does; --int8 for speed) or torchscript",
+    )
     x.add_argument(
         "--int8",
         action="store_true",
@@ -343,9 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="default 1000; int8: the whole test set (0 = all)",
     )
-    x.add_argument("--calibration-images", type=POSITIVE_INT, default=1000, metavar="N")
+    x.add_argument(
+        "--calibration-images",
+        type=POSITIVE_INT,
+        default=1000,
+        metavar="N",
+        help="int8: training images that calibrate activation ranges (default 1000)",
+    )
 
-    sv = sub.add_parser(
+    sv = _SUBPARSERS["serve"] = sub.add_parser(
         "serve",
         help="HTTP API and web page (FastAPI + uvicorn)",
         description="Serve a model over HTTP: POST /predict, GET /healthz /readyz /metrics "
@@ -353,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("model", metavar="MODEL", help="checkpoint (.pt), TorchScript or ONNX file")
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    sv.add_argument("--port", type=_number(int, 1, 65535), default=8000)
+    sv.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="default 8000")
     defaults = ServeConfig()
     sv.add_argument(
         "--max-batch",
@@ -427,7 +506,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="default: by file type",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu")
     p.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
@@ -496,9 +575,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _train_config(args)  # every setting checked before torch is imported (~2 s)
     from . import train
 
-    result = train.run(_train_config(args), resume=args.resume)
+    result = train.run(cfg, resume=args.resume)
+    if result.already_finished:
+        n = result.epochs_done
+        print(
+            f"{result.out_dir} is finished ({n} epochs); nothing was changed. To train longer: "
+            f"cifar10-resnet50 train --resume --out {result.out_dir} --epochs {n + 5} "
+            "(any number above the epochs done); to start over, choose another --out."
+        )
+        return EXIT_OK
     if result.stopped_early:
         print(f"stopped; continue with: cifar10-resnet50 train --resume --out {result.out_dir}")
         return EXIT_INTERRUPTED
@@ -614,7 +702,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s",

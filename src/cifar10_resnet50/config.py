@@ -33,6 +33,7 @@ CLASSES = (
     "truck",
 )
 
+WEIGHTS = ("imagenet", "imagenet-v1", "none")
 STRATEGIES = ("full", "linear", "gradual")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle")
@@ -111,6 +112,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     eval_batch_size: int = 500
     progress: bool = True
+    # CPU threads for PyTorch; None → all cores. Leaves cores free on a shared machine.
+    threads: int | None = None
 
 
 # Limits for user images (predict and serve share them).
@@ -277,6 +280,12 @@ def validate(cfg: Config) -> None:
     check(a.mixup >= 0 and a.cutmix >= 0, "--mixup/--cutmix alpha must be 0 (off) or positive")
     check(0 <= d.val_size < 50000, "--val-size must be in 0..49999")
     check(d.subset is None or d.subset >= 1, "--subset must be at least 1")
+    check(t.threads is None or t.threads >= 1, "--threads must be at least 1")
+    check(
+        m.weights in WEIGHTS or Path(m.weights).expanduser().is_file(),
+        f"--weights {m.weights!r}: not one of {', '.join(WEIGHTS)}, and no such file "
+        "(a torchvision ResNet-50 .pth)",
+    )
 
 
 def resolve(cfg: Config, device_type: str) -> Config:

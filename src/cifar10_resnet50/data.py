@@ -82,6 +82,18 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return path
 
 
+def check_download_target(root: Path, explicit: bool) -> None:
+    """A data folder the user named (flag or $CIFAR10_DATA_DIR) must exist: a typo must not
+    become a new folder and three download attempts. The default cache folder is created."""
+    explicit = explicit or bool(os.environ.get(ENV_DATA_DIR))
+    if explicit and not root.exists():
+        raise UserError(
+            f"data folder {root} does not exist (relative paths start at {Path.cwd()}); fix "
+            f"--data-dir or ${ENV_DATA_DIR}, or run 'cifar10-resnet50 data download --data-dir "
+            f"{root}' to download CIFAR-10 there"
+        )
+
+
 # --------------------------------------------------------------------------- download
 
 

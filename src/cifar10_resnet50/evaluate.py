@@ -73,12 +73,15 @@ class EvalReport:
     metrics: dict[str, Any]
     classes: list[str]
     tta: bool
+    precision: str = "fp32"
 
     def table(self) -> str:
         m = self.metrics
+        note = "" if self.precision == "fp32" else " (export's parity check runs fp32: ±0.1 point)"
         lines = [
             f"checkpoint {self.checkpoint}",
-            f"test images {m['count']}   TTA {'flip' if self.tta else 'off'}",
+            f"test images {m['count']}   TTA {'flip' if self.tta else 'off'}   "
+            f"precision {self.precision}{note}",
             f"accuracy    {100 * m['accuracy']:.2f}%",
             f"loss        {m['loss']:.4f}",
             "",
@@ -120,12 +123,13 @@ def run(
     )
     result = metrics(logits, arrays.test_y, meta["num_classes"])
     classes = list(meta["classes"])
+    precision_name = str(amp).replace("torch.", "") if amp else "fp32"
     write_json(
         out / "metrics.json",
         {
             "checkpoint": str(checkpoint_path),
             "tta": "flip" if tta_flip else "none",
-            "precision": str(amp).replace("torch.", "") if amp else "fp32",
+            "precision": precision_name,
             "classes": classes,
             **{k: v for k, v in result.items() if k != "confusion"},
         },
@@ -138,4 +142,4 @@ def run(
 
         confusion_png(result["confusion"], classes, out / "confusion.png")
     log.info("test accuracy %.2f%% (%d images)", 100 * result["accuracy"], result["count"])
-    return EvalReport(checkpoint_path, out, result, classes, tta_flip)
+    return EvalReport(checkpoint_path, out, result, classes, tta_flip, precision_name)

@@ -78,7 +78,8 @@ class ExportReport:
         if p.accuracy_eager is not None:
             lines.append(
                 f"  accuracy eager fp32 / export    {100 * p.accuracy_eager:.2f}% / "
-                f"{100 * (p.accuracy_export or 0):.2f}%"
+                f"{100 * (p.accuracy_export or 0):.2f}% (on these {p.images} images, fp32; "
+                "evaluate's figure uses bf16 where the device has it)"
             )
         for name, rate in self.speed.items():
             lines.append(f"  speed {name:<26} {rate:,.0f} img/s (batch 64)")

@@ -32,7 +32,15 @@ log = logging.getLogger(__name__)
 
 # Flags that may differ when resuming: they do not change what the run computes
 # (epochs extends or shortens the schedule; the log says so).
-RESUMABLE_CHANGES = {"train.epochs", "train.progress", "train.checkpoint_every", "train.compile"}
+# train.out: a run started without --out saved None; resuming names the folder it chose.
+RESUMABLE_CHANGES = {
+    "train.epochs",
+    "train.progress",
+    "train.checkpoint_every",
+    "train.compile",
+    "train.threads",
+    "train.out",
+}
 LOG_EVERY = 10  # steps between host syncs (progress bar, NaN check); each sync stalls a GPU
 
 
@@ -185,6 +193,7 @@ class TrainResult:
     epochs_done: int
     stopped_early: bool
     test: evaluate.EvalReport | None
+    already_finished: bool = False  # --resume of a run that had done all its epochs
 
 
 # --------------------------------------------------------------------------- the command
@@ -205,11 +214,16 @@ def run(
     """
     # ---- device, config, run folder
     process = process or Process.from_env()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     cfg = resolve(cfg, device.type)
     amp_dtype = pick_precision(cfg.train.precision, device)
     t, o, a = cfg.train, cfg.optim, cfg.augment
     out = Path(t.out) if t.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    # The folder is part of the saved config, so the printed "--resume --out RUN" matches it.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, out=str(out)))
+    t = cfg.train
     last_path, best_path = out / "last.pt", out / "best.pt"
     saved = None
     if resume:
@@ -218,21 +232,27 @@ def run(
             raise UserError(f"--resume: no {last_path}; pass --out to the run folder to resume")
         for key in check_resume_config(saved["config"], cfg):
             log.info("resume: %s changed from the saved run", key)
+        done = saved["train_state"]["epoch"]
+        if done >= t.epochs:
+            log.info("%s finished all %d epochs; nothing to do", out, done)
+            best = best_path if best_path.exists() else None
+            return TrainResult(
+                out, last_path, best, saved["train_state"]["best_val_acc"], done, False, None, True
+            )
     elif last_path.exists():
         raise UserError(
             f"{out} already holds a run; pass --resume to continue it or choose another --out"
         )
-    if process.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out)  # a save that was SIGKILLed leaves its temporary file
-        write_json(out / "config.json", cfg.to_dict())
     torch.manual_seed(t.seed)
 
-    # ---- model first: without a network the weights fail in seconds, before any data download
+    # ---- data folder checked, then the model: without a network the weights fail in
+    # seconds, before any data download. The run folder is created only once both are in
+    # hand, so a failed start leaves no folder behind.
+    root = data.resolve_data_dir(cfg.data.data_dir)
+    data.check_download_target(root, explicit=cfg.data.data_dir is not None)
     model = model_lib.build(cfg.model.weights, cfg.model.image_size, progress=t.progress)
 
     # ---- data: uint8 tensors on the training device
-    root = data.resolve_data_dir(cfg.data.data_dir)
     if not data.is_present(root) and cfg.data.download and process.is_main:
         data.download(root, progress=t.progress)
     arrays = data.load(root)
@@ -249,6 +269,10 @@ def run(
             "lower --batch-size or raise --subset"
         )
     total_steps = steps_per_epoch * t.epochs
+    if process.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # a save that was SIGKILLed leaves its temporary file
+        write_json(out / "config.json", cfg.to_dict())
 
     # ---- optimizer, schedule
     pretrained = cfg.model.weights != "none"
