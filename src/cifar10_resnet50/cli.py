@@ -158,6 +158,11 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("--no-progress", "train.progress", {"action": "store_false", "help": "no progress bars"}),
     (
+        "--no-tensorboard",
+        "train.tensorboard",
+        {"action": "store_false", "help": "no TensorBoard events in RUN_DIR/tensorboard"},
+    ),
+    (
         "--threads",
         "train.threads",
         {"type": int, "metavar": "N", "help": "CPU threads (default: all cores)"},
@@ -290,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("download", "fetch the official archive (md5-checked), extract it safely, verify it"),
         ("verify", "check a copy: official md5s, else its full structure"),
         ("info", "load the set (through the tensor cache) and print its shapes"),
+        ("show", "save a grid of augmented training images as the model sees them"),
     ):
         a = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         a.add_argument(
@@ -299,6 +305,29 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "download":
             a.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "show":
+            a.add_argument(
+                "--out",
+                metavar="FILE",
+                default="batch.png",
+                help="PNG to write (default batch.png)",
+            )
+            a.add_argument("--n", type=_number(int, 1, 256), default=32, help="images (default 32)")
+            a.add_argument("--seed", type=_number(int, 0), default=0, help="default 0")
+            a.add_argument(
+                "--crop-padding",
+                type=_number(int, 0, 16),
+                default=4,
+                metavar="PX",
+                help="default 4",
+            )
+            a.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+            a.add_argument(
+                "--mixup", type=_number(float, 0), default=0.0, metavar="ALPHA", help="default 0"
+            )
+            a.add_argument(
+                "--cutmix", type=_number(float, 0), default=0.0, metavar="ALPHA", help="default 0"
+            )
         _SUBPARSERS[f"data {name}"] = a
 
     t = _SUBPARSERS["train"] = sub.add_parser(
@@ -317,10 +346,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out from its last.pt, with its saved settings",
     )
-    for flag, key, kwargs in TRAIN_FLAGS:
-        if "action" not in kwargs and "choices" not in kwargs:
-            kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
-        t.add_argument(flag, dest=key, default=S, **kwargs)
+    _add_train_flags(t)
+
+    lf = _SUBPARSERS["lr-find"] = sub.add_parser(
+        "lr-find",
+        help="learning-rate range test: plot loss against lr, suggest --lr",
+        description="Smith's range test (fastai's lr_find) on the run the train flags describe: "
+        "a short sweep with the lr growing exponentially, a plot of loss against lr "
+        "(RUN_DIR/lr_find/ or runs/lr_find/) and a suggested --lr. Nothing is saved as a run.",
+    )
+    lf.add_argument(
+        "--config", metavar="FILE", help="TOML or JSON config file, as for train; flags override it"
+    )
+    lf.add_argument(
+        "--steps", type=_number(int, 2), default=100, help="sweep length in steps (default 100)"
+    )
+    lf.add_argument(
+        "--start-lr", type=_number(float, 0, above=True), default=1e-7, help="default 1e-7"
+    )
+    lf.add_argument("--end-lr", type=_number(float, 0, above=True), default=10.0, help="default 10")
+    _add_train_flags(lf)
 
     e = _SUBPARSERS["evaluate"] = sub.add_parser(
         "evaluate",
@@ -524,11 +569,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, key, kwargs in TRAIN_FLAGS:
+        if "action" not in kwargs and "choices" not in kwargs:
+            kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
+        parser.add_argument(flag, dest=key, default=S, **kwargs)
+
+
 def _train_config(args: argparse.Namespace) -> Config:
     from . import config as config_lib
 
     explicit = {key: getattr(args, key) for _, key, _ in TRAIN_FLAGS if hasattr(args, key)}
-    if args.resume:
+    if getattr(args, "resume", False):
         if "train.out" not in explicit:
             raise UserError("--resume needs --out RUN_DIR (the folder of the run to continue)")
         from pathlib import Path
@@ -560,6 +612,23 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(data.verify(root).describe())
     elif args.action == "verify":
         print(data.verify(root).describe())
+    elif args.action == "show":
+        from . import plots
+        from .fileio import prepare_output
+
+        prepare_output(args.out, [], "--out")
+        arrays = data.load(root)
+        images, titles = data.sample_batch(
+            arrays,
+            n=args.n,
+            seed=args.seed,
+            padding=args.crop_padding,
+            flip=not args.no_flip,
+            mixup=args.mixup,
+            cutmix=args.cutmix,
+        )
+        plots.grid_png(images, titles, args.out)
+        print(f"{len(images)} augmented training images → {args.out}")
     else:
         arrays = data.load(root)
         print(f"location    {root / data.BATCH_DIR}")
@@ -596,6 +665,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.test is not None:
         print()
         print(result.test.table())
+    return EXIT_OK
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    cfg = _train_config(args)  # checked before torch is imported
+    from . import lr_find
+
+    result = lr_find.run(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
+    print(result.table())
     return EXIT_OK
 
 
@@ -711,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "data": cmd_data,
         "train": cmd_train,
+        "lr-find": cmd_lr_find,
         "evaluate": cmd_evaluate,
         "predict": cmd_predict,
         "export": cmd_export,

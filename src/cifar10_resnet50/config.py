@@ -114,6 +114,9 @@ class TrainConfig:
     progress: bool = True
     # CPU threads for PyTorch; None → all cores. Leaves cores free on a shared machine.
     threads: int | None = None
+    # TensorBoard events in RUN_DIR/tensorboard (scalars at each host sync, per-epoch
+    # confusion matrix and predictions): `tensorboard --logdir runs`.
+    tensorboard: bool = True
 
 
 # Limits for user images (predict and serve share them).

@@ -674,5 +674,39 @@ def train_batches(
         yield i, xb, y[idx]
 
 
+def sample_batch(
+    arrays: Arrays,
+    *,
+    n: int,
+    seed: int,
+    padding: int,
+    flip: bool,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+) -> tuple[torch.Tensor, list[str]]:
+    """The first ``n`` images of epoch 0's first batch, augmented exactly as training does
+    (fastai's ``show_batch``), with their label (or the two mixed labels and weights)."""
+    batches = train_batches(
+        arrays.train_x, arrays.train_y, batch_size=n, seed=seed, epoch=0, padding=padding, flip=flip
+    )
+    _, xb, yb = next(batches)
+    titles = [arrays.classes[y] for y in yb.tolist()]
+    if mixup > 0 or cutmix > 0:
+        gen = torch.Generator().manual_seed(batch_seed(seed, 0, 0) + 1)
+        xb, soft = mix_batch(
+            xb, yb, len(arrays.classes), batch_seed(seed, 0, 0), gen, mixup, cutmix
+        )
+        titles = []
+        for row in soft:
+            w, idx = row.topk(2)
+            parts = [
+                f"{arrays.classes[i]} {v:.2f}"
+                for v, i in zip(w.tolist(), idx.tolist(), strict=True)
+                if v > 0
+            ]
+            titles.append("\n".join(parts))
+    return xb, titles
+
+
 def is_present(root: str | Path) -> bool:
     return (Path(root) / BATCH_DIR / "batches.meta").is_file()

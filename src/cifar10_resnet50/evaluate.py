@@ -16,7 +16,7 @@ from .runtime import autocast, pick_device, pick_precision
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("metrics.json", "confusion.json", "confusion.png")
+OUTPUTS = ("metrics.json", "confusion.json", "confusion.png", "top_losses.png")
 
 
 @torch.no_grad()
@@ -89,9 +89,30 @@ class EvalReport:
         ]
         for name, acc in zip(self.classes, m["per_class_accuracy"], strict=True):
             lines.append(f"{name:<12}{100 * acc:>8.1f}%")
+        confused = m.get("most_confused") or []
+        if confused:
+            lines.append("")
+            lines.append("most confused (true → predicted: images)")
+            for c in confused:
+                lines.append(f"  {c['true']} → {c['predicted']}: {c['count']}")
         lines.append("")
         lines.append(f"confusion matrix: {self.out_dir / 'confusion.png'} (and .json)")
+        lines.append(f"top losses:       {self.out_dir / 'top_losses.png'}")
         return "\n".join(lines)
+
+
+def most_confused(confusion: list[list[int]], classes: list[str], k: int = 5) -> list[dict]:
+    """The ``k`` largest off-diagonal cells: which true class is most often taken for which."""
+    cells = [
+        (count, i, j)
+        for i, row in enumerate(confusion)
+        for j, count in enumerate(row)
+        if i != j and count > 0
+    ]
+    return [
+        {"true": classes[i], "predicted": classes[j], "count": count}
+        for count, i, j in sorted(cells, reverse=True)[:k]
+    ]
 
 
 def run(
@@ -105,7 +126,8 @@ def run(
     tta_flip: bool = False,
     plot: bool = True,
 ) -> EvalReport:
-    """Evaluate a checkpoint on the CIFAR-10 test set and write metrics.json/confusion.*."""
+    """Evaluate a checkpoint on the CIFAR-10 test set and write the reports (see
+    :func:`evaluate_model`)."""
     checkpoint_path = Path(checkpoint_path)
     dev = pick_device(device)
     amp = pick_precision(precision, dev)
@@ -116,18 +138,49 @@ def run(
         check_not_input(out / name, [checkpoint_path])
     ensure_writable_dir(out)
     model = model.to(memory_format=torch.channels_last)
-    root = data.resolve_data_dir(data_dir)
-    arrays = data.load(root)
-    logits = predict_logits(
-        model, arrays.test_x, batch_size=batch_size, device=dev, amp_dtype=amp, tta_flip=tta_flip
+    arrays = data.load(data.resolve_data_dir(data_dir))
+    return evaluate_model(
+        model,
+        list(meta["classes"]),
+        arrays.test_x,
+        arrays.test_y,
+        out_dir=out,
+        source=checkpoint_path,
+        device=dev,
+        amp_dtype=amp,
+        batch_size=batch_size,
+        tta_flip=tta_flip,
+        plot=plot,
     )
-    result = metrics(logits, arrays.test_y, meta["num_classes"])
-    classes = list(meta["classes"])
-    precision_name = str(amp).replace("torch.", "") if amp else "fp32"
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    classes: list[str],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    out_dir: Path,
+    source: Path,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    batch_size: int,
+    tta_flip: bool = False,
+    plot: bool = True,
+) -> EvalReport:
+    """Score an in-memory model on uint8 ``images [N,3,H,W]`` and write, in ``out_dir``:
+    metrics.json (with the most-confused pairs), confusion.json, confusion.png (counts and
+    row-normalised) and top_losses.png (the images it got most wrong)."""
+    logits = predict_logits(
+        model, images, batch_size=batch_size, device=device, amp_dtype=amp_dtype, tta_flip=tta_flip
+    )
+    result = metrics(logits, labels, len(classes))
+    result["most_confused"] = most_confused(result["confusion"], classes)
+    precision_name = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
     write_json(
-        out / "metrics.json",
+        out_dir / "metrics.json",
         {
-            "checkpoint": str(checkpoint_path),
+            "checkpoint": str(source),
             "tta": "flip" if tta_flip else "none",
             "precision": precision_name,
             "classes": classes,
@@ -135,11 +188,39 @@ def run(
         },
     )
     write_json(
-        out / "confusion.json", {"classes": classes, "rows_true_cols_pred": result["confusion"]}
+        out_dir / "confusion.json", {"classes": classes, "rows_true_cols_pred": result["confusion"]}
     )
     if plot:
-        from .plots import confusion_png
+        from . import plots
 
-        confusion_png(result["confusion"], classes, out / "confusion.png")
+        title = (
+            f"{source.name}: test accuracy {100 * result['accuracy']:.2f}% ({len(labels):,} images)"
+        )
+        plots.confusion_png(result["confusion"], classes, out_dir / "confusion.png", title)
+        top_losses_png(logits, images, labels, classes, out_dir / "top_losses.png")
     log.info("test accuracy %.2f%% (%d images)", 100 * result["accuracy"], result["count"])
-    return EvalReport(checkpoint_path, out, result, classes, tta_flip, precision_name)
+    return EvalReport(source, out_dir, result, classes, tta_flip, precision_name)
+
+
+def top_losses_png(
+    logits: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    path: Path,
+    k: int = 24,
+) -> None:
+    """fastai's ``plot_top_losses``: the ``k`` images with the highest loss, each titled
+    predicted / true / probability of the prediction."""
+    from . import plots
+
+    losses = F.cross_entropy(logits, labels.cpu(), reduction="none")
+    order = losses.argsort(descending=True)[:k]
+    probs = torch.softmax(logits[order], dim=1)
+    conf, pred = probs.max(1)
+    titles = [
+        f"{classes[p]} {100 * c:.0f}%\ntrue {classes[t]}"
+        for p, c, t in zip(pred.tolist(), conf.tolist(), labels.cpu()[order].tolist(), strict=True)
+    ]
+    ok = [p == t for p, t in zip(pred.tolist(), labels.cpu()[order].tolist(), strict=True)]
+    plots.grid_png(images[order.to(images.device)].cpu(), titles, path, ok)

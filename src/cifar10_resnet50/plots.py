@@ -1,4 +1,6 @@
-"""PNG figures: training curves and the confusion matrix (matplotlib, headless)."""
+"""PNG figures (matplotlib, headless): training curves, confusion matrices, image grids and
+the lr range test. Each ``*_figure`` returns a figure (TensorBoard takes those too); each
+``*_png`` writes one atomically."""
 
 from __future__ import annotations
 
@@ -26,53 +28,112 @@ def _pyplot():
     return plt
 
 
-def training_curves(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Loss and accuracy per epoch, train and validation, from the metrics.jsonl rows."""
+def _write(fig, path: str | Path) -> None:
+    plt = _pyplot()
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def training_curves(rows: list[dict[str, Any]], path: str | Path, title: str | None = None) -> None:
+    """Loss, accuracy and learning rate per epoch, from the metrics.jsonl rows."""
     plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(14, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
     ax_acc.plot(epochs, [100 * r["train_acc"] for r in rows], "o-", label="train")
     val = [r for r in rows if r.get("val_acc") is not None]
     if val:
         ax_loss.plot([r["epoch"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
         ax_acc.plot([r["epoch"] for r in val], [100 * r["val_acc"] for r in val], "o-", label="val")
+    ax_lr.plot(epochs, [r["lr"] for r in rows], "o-", color="tab:green", label="head lr")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate (end of epoch)")
+    for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
         ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    try:
-        _save(fig, path)
-    finally:
-        plt.close(fig)
+    _write(fig, path)
 
 
-def confusion_png(confusion: list[list[int]], classes: list[str], path: str | Path) -> None:
+def confusion_figure(confusion: list[list[int]], classes: list[str], title: str):
+    """Counts beside the row-normalised matrix (each row: where that true class went)."""
+    import numpy as np
+
     plt = _pyplot()
+    counts = np.asarray(confusion)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test set)")
-    top = max(max(row) for row in confusion) or 1
-    for i in range(n):
-        for j in range(n):
-            v = confusion[i][j]
-            ax.text(
-                j,
-                i,
-                str(v),
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if v > top / 2 else "black",
-            )
-    fig.colorbar(im, ax=ax)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    for ax, values, name, fmt in (
+        (axes[0], counts, "counts", "{:d}"),
+        (axes[1], rates, "row-normalised (recall per class)", "{:.2f}"),
+    ):
+        im = ax.imshow(values, cmap="Blues")
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
+        ax.set(xlabel="predicted", ylabel="true", title=name)
+        top = values.max() or 1
+        for i in range(n):
+            for j in range(n):
+                v = values[i, j]
+                ax.text(
+                    j,
+                    i,
+                    fmt.format(int(v) if fmt == "{:d}" else float(v)),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v > top / 2 else "black",
+                )
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title)
     fig.tight_layout()
-    try:
-        _save(fig, path)
-    finally:
-        plt.close(fig)
+    return fig
+
+
+def confusion_png(
+    confusion: list[list[int]], classes: list[str], path: str | Path, title: str = ""
+) -> None:
+    _write(confusion_figure(confusion, classes, title or "confusion matrix"), path)
+
+
+def grid_figure(images, titles: list[str], ok: list[bool] | None = None, columns: int = 8):
+    """uint8 ``[N,3,H,W]`` images in a grid, each with its title (red when ``ok`` is False)."""
+    plt = _pyplot()
+    n = len(images)
+    columns = min(columns, n) or 1
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            color = "black" if ok is None or ok[i] else "tab:red"
+            ax.set_title(titles[i], fontsize=7, color=color)
+    fig.tight_layout()
+    return fig
+
+
+def grid_png(images, titles: list[str], path: str | Path, ok: list[bool] | None = None) -> None:
+    _write(grid_figure(images, titles, ok), path)
+
+
+def lr_find_png(lrs: list[float], losses: list[float], suggested: float, path: str | Path) -> None:
+    """Smoothed loss against learning rate (log scale), with the suggestion marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses)
+    ax.set_xscale("log")
+    ax.axvline(suggested, color="tab:red", linestyle="--", label=f"suggested --lr {suggested:.1e}")
+    top = min(max(losses), 2.5 * min(losses))  # the explosion at the end would hide the valley
+    ax.set_ylim(min(losses) * 0.95, top * 1.02)
+    ax.set(xlabel="learning rate (head)", ylabel="smoothed training loss", title="lr range test")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    _write(fig, path)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, data, evaluate
 from . import model as model_lib
+from .board import Board
 from .config import Config, resolve
 from .errors import UserError
 from .fileio import remove_stale_temps, write_bytes, write_json
@@ -39,6 +40,7 @@ RESUMABLE_CHANGES = {
     "train.checkpoint_every",
     "train.compile",
     "train.threads",
+    "train.tensorboard",
     "train.out",
 }
 LOG_EVERY = 10  # steps between host syncs (progress bar, NaN check); each sync stalls a GPU
@@ -372,6 +374,9 @@ def run(
     from tqdm import tqdm
 
     stopped = False
+    board = Board(
+        out / "tensorboard" if t.tensorboard and process.is_main else None, start_step=step
+    )
     with StopFlag() as stop:
         while epoch < t.epochs and not stopped:
             frozen = frozen_at(t.strategy, epoch, t.freeze_epochs)
@@ -437,11 +442,13 @@ def run(
                 )
                 if step % LOG_EVERY == 0 or must_stop or batch == steps_per_epoch:
                     _check_finite(pending, pending_from, steps_per_epoch)
+                    window_loss = float(torch.stack(pending).float().mean())
                     pending, pending_from = [], step
                     rate = (sums["seen"] - seen0) * process.world_size / (time.perf_counter() - t0)
                     bar.set_postfix(
                         loss=f"{float(sums['loss']) / sums['seen']:.3f}", img_s=f"{rate:.0f}"
                     )
+                    board.step(step, window_loss, scheduler.get_last_lr()[-1], rate)
                 if must_stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
                     sums = {k: float(v) for k, v in sums.items()}
                     save(last_path, epoch, batch)
@@ -483,6 +490,8 @@ def run(
                 )
                 vm = evaluate.metrics(val_logits, val_y, meta["num_classes"])
                 row["val_loss"], row["val_acc"] = vm["loss"], vm["accuracy"]
+                board.predictions(step, val_x, val_logits, val_y, meta["classes"])
+            board.epoch(row)
             epoch, batch = epoch + 1, 0
             sums = {"loss": 0.0, "correct": 0.0, "seen": 0.0}
             improved = row["val_acc"] is not None and (
@@ -513,12 +522,9 @@ def run(
                 "  (best)" if improved else "",
             )
 
-    # ---- wrap up: curves, final test figure on the best (else last) checkpoint
-    rows = _read_metrics(out / "metrics.jsonl")
-    if process.is_main and rows:
-        from .plots import training_curves
+    board.close()
 
-        training_curves(rows, out / "curves.png")
+    # ---- wrap up: final test figure on the best (else last) checkpoint, then the curves
     best = best_path if best_path.exists() else None
     report = None
     if final_eval and not stopped and process.is_main:
@@ -530,7 +536,24 @@ def run(
             precision=t.precision,
             batch_size=t.eval_batch_size,
         )
+    rows = _read_metrics(out / "metrics.jsonl")
+    if process.is_main and rows:
+        from .plots import training_curves
+
+        training_curves(rows, out / "curves.png", _curves_title(out, rows, report))
     return TrainResult(out, last_path, best, best_val_acc, epoch, stopped, report)
+
+
+def _curves_title(out: Path, rows: list[dict[str, Any]], report: Any) -> str:
+    """Run name, best epoch (by validation accuracy) and the final test accuracy, if known."""
+    parts = [out.name]
+    val = [r for r in rows if r.get("val_acc") is not None]
+    if val:
+        best = max(val, key=lambda r: r["val_acc"])
+        parts.append(f"best epoch {best['epoch']} (val {100 * best['val_acc']:.2f}%)")
+    if report is not None:
+        parts.append(f"test {100 * report.metrics['accuracy']:.2f}%")
+    return " — ".join(parts)
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
