@@ -645,9 +645,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)  # every setting checked before torch is imported (~2 s)
-    from . import train
+    from . import api
 
-    result = train.run(cfg, resume=args.resume)
+    result = api.train(cfg, resume=args.resume)
     if result.already_finished:
         n = result.epochs_done
         print(
@@ -670,17 +670,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     cfg = _train_config(args)  # checked before torch is imported
-    from . import lr_find
+    from . import api
 
-    result = lr_find.run(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
+    result = api.lr_find(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
     print(result.table())
     return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import evaluate
+    from . import api
 
-    report = evaluate.run(
+    report = api.evaluate(
         args.checkpoint,
         data_dir=args.data_dir,
         out_dir=args.out,

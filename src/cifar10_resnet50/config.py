@@ -255,6 +255,32 @@ def override(cfg: Config, dotted: dict[str, Any]) -> Config:
     return from_dict(nested, cfg)
 
 
+def field_keys() -> dict[str, str]:
+    """Each setting's bare name → its dotted key (``"lr"`` → ``"optim.lr"``); names are
+    unique across sections, so the Python API can take ``train(lr=0.01, epochs=3)``."""
+    return {
+        f.name: f"{section}.{f.name}"
+        for section, kind in _SECTION_TYPES.items()
+        for f in dataclasses.fields(kind)
+    }
+
+
+def with_settings(cfg: Config, settings: dict[str, Any]) -> Config:
+    """``cfg`` with settings given by bare name or dotted key; unknown names are errors."""
+    keys = field_keys()
+    dotted = {}
+    for name, value in settings.items():
+        key = name if "." in name else keys.get(name)
+        if key is None:
+            import difflib
+
+            close = difflib.get_close_matches(name, keys, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"unknown setting {name!r}{hint} (settings: {', '.join(keys)})")
+        dotted[key] = value
+    return override(cfg, dotted)
+
+
 def validate(cfg: Config) -> None:
     def check(ok: bool, message: str) -> None:
         if not ok:

@@ -295,6 +295,32 @@ def decode(
         ) from None
 
 
+def from_pil(im: Any, name: str = "image") -> Decoded:
+    """An in-memory PIL image → the same 32×32 RGB form as a decoded file (EXIF orientation,
+    mode conversion, centre square, Lanczos)."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.size[0] < 1 or im.size[1] < 1:
+        raise ImageError("undecodable", f"{name}: image has no pixels")
+    rgb = _to_rgb(im)
+    return Decoded(_center_square_32(rgb), rgb.size, im.format or "PIL")
+
+
+def from_array(array: np.ndarray, name: str = "array") -> Decoded:
+    """uint8 ``[H,W,3]`` RGB (or ``[H,W]`` grey) → the same 32×32 RGB form."""
+    from PIL import Image
+
+    a = np.asarray(array)
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ImageError(
+            "unsupported",
+            f"{name}: expected uint8 [H,W,3] (RGB), [H,W,4] (RGBA) or [H,W] (grey), "
+            f"got {a.dtype} {list(a.shape)}",
+        )
+    return from_pil(Image.fromarray(a), name)
+
+
 def header_pixels(data: bytes, max_pixels: int = MAX_PIXELS) -> int:
     """Width × height from the header alone (0 when it cannot be read): for request budgets.
     A file that fails here fails in :func:`decode` with the proper error."""

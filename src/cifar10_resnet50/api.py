@@ -1,0 +1,147 @@
+"""The Python API, for notebooks and scripts: the same functions the command line calls.
+
+```python
+from cifar10_resnet50 import api
+
+run = api.train(epochs=1, weights="none", image_size=32, optimizer="adamw", lr=2e-3)
+model = api.load(run.best)                      # a checkpoint, ONNX or TorchScript file
+model.predict(["cat.jpg", pil_image, array])    # [{"label": ..., "top": [...]}, ...]
+report = api.evaluate(run.best)                 # test accuracy, per class, confusion
+api.lr_find(weights="none", image_size=32)      # the learning-rate range test
+```
+
+Settings are the config's fields by name (``lr``, ``epochs``, ``weights``; see
+``config.py`` or ``cifar10-resnet50 train --help``), or a whole :class:`Config` / config file.
+Errors are :class:`~cifar10_resnet50.errors.UserError` with the same one-line messages as the
+CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import config as config_lib
+from .config import Config
+from .errors import UserError
+
+
+def _config(config: Config | str | Path | None, settings: dict[str, Any]) -> Config:
+    if config is None:
+        base = Config()
+    elif isinstance(config, Config):
+        base = config
+    else:
+        base = config_lib.load_file(config)
+    return config_lib.with_settings(base, settings)
+
+
+def train(config: Config | str | Path | None = None, *, resume: bool = False, **settings: Any):
+    """Train (or ``resume`` the run in ``out``); returns ``train.TrainResult`` (``.best``,
+    ``.last``, ``.out_dir``, ``.test`` the final test report)."""
+    from . import train as train_lib
+
+    return train_lib.run(_config(config, settings), resume=resume)
+
+
+def lr_find(
+    config: Config | str | Path | None = None,
+    *,
+    steps: int = 100,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    **settings: Any,
+):
+    """The learning-rate range test for the run these settings describe."""
+    from . import lr_find as lr_find_lib
+
+    cfg = _config(config, settings)
+    return lr_find_lib.run(cfg, steps=steps, start_lr=start_lr, end_lr=end_lr)
+
+
+def evaluate(checkpoint: str | Path, **options: Any):
+    """Test-set report of a checkpoint (``evaluate.run``'s options: ``data_dir``, ``out_dir``,
+    ``device``, ``precision``, ``batch_size``, ``tta_flip``)."""
+    from . import evaluate as evaluate_lib
+
+    return evaluate_lib.run(checkpoint, **options)
+
+
+@dataclass
+class Model:
+    """A loaded model file; ``predict`` takes paths, PIL images and uint8 arrays."""
+
+    predictor: Any  # inference.Predictor
+
+    @property
+    def classes(self) -> list[str]:
+        return self.predictor.classes
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.predictor.meta
+
+    def _pixels(self, images: Any) -> np.ndarray:
+        from . import images as images_lib
+
+        if isinstance(images, np.ndarray) and images.ndim == 4:  # a batch [N,H,W,3]
+            items: list[Any] = list(images)
+        elif isinstance(images, (list, tuple)):
+            items = list(images)
+        else:
+            items = [images]
+        decoded = []
+        for i, item in enumerate(items):
+            if isinstance(item, (str, Path)):
+                decoded.append(images_lib.read_file(item))
+            elif isinstance(item, np.ndarray):
+                decoded.append(images_lib.from_array(item, f"array {i}"))
+            elif hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
+                decoded.append(images_lib.from_pil(item, f"image {i}"))
+            else:
+                raise UserError(
+                    f"item {i}: expected a path, a PIL image or a uint8 array, "
+                    f"got {type(item).__name__}"
+                )
+        if not decoded:
+            return np.zeros((0, 32, 32, 3), np.uint8)
+        return np.stack([d.pixels for d in decoded])
+
+    def probabilities(self, images: Any) -> np.ndarray:
+        """float32 ``[N, classes]`` for one image or a list/batch of them."""
+        return self.predictor.probabilities(self._pixels(images))
+
+    def predict(self, images: Any, top_k: int = 3) -> list[dict[str, Any]]:
+        """For each image: ``{"label": top-1 class, "probability": p, "top": [(label, p), ...]}``."""
+        if top_k < 1:
+            raise UserError("top_k must be at least 1")
+        probs = self.probabilities(images)
+        return [
+            {"label": top[0][0], "probability": top[0][1], "top": top}
+            for top in self.predictor.top_k(probs, top_k)
+        ]
+
+
+def load(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    batch_size: int = 64,
+    allow_torchscript_code: bool = False,
+) -> Model:
+    """Load and validate a checkpoint, an ONNX export or (opted in) a TorchScript export."""
+    from . import inference
+
+    return Model(
+        inference.load(
+            path,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            allow_code=allow_torchscript_code,
+        )
+    )
