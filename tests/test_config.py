@@ -11,7 +11,7 @@ def test_auto_fields_resolve_per_device():
     cpu = C.resolve(C.Config(), "cpu")
     assert (gpu.model.image_size, gpu.train.epochs) == (160, 10)
     assert (cpu.model.image_size, cpu.train.epochs) == (64, 2)
-    assert gpu.optim.lr == 0.1 and gpu.optim.weight_decay == 5e-4
+    assert cpu.optim.lr == 0.1 and gpu.optim.weight_decay == 5e-4  # GPU lr: see below
     adamw = C.resolve(C.override(C.Config(), {"optim.optimizer": "adamw"}), "cpu")
     assert adamw.optim.lr == 1e-3 and adamw.optim.weight_decay == 0.05
 
@@ -46,7 +46,7 @@ def test_saved_json_config_round_trips(tmp_path):
         ({"optimizer": {}}, "unknown section"),
         ({"train": {"epochs": "ten"}}, "whole number"),
         ({"train": {"strategy": "half"}}, "--strategy"),
-        ({"train": {"compile": 1}}, "true or false"),
+        ({"train": {"progress": 1}}, "true or false"),
         ({"data": {"val_size": -1}}, "--val-size"),
         ({"train": {"seed": -1}}, "--seed"),
     ],
@@ -77,3 +77,54 @@ def test_gradual_needs_an_epoch_left_to_unfreeze():
         C.resolve(C.override(C.Config(), gradual), "cpu")  # CPU default: 2 epochs
     ok = C.resolve(C.override(C.Config(), {**gradual, "train.epochs": 3}), "cpu")
     assert ok.train.freeze_epochs == 2 and ok.train.epochs == 3
+
+
+def test_readme_flags_table_is_generated_from_the_declarations():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- flags:start -->\n")[1].split("\n<!-- flags:end -->")[0]
+    assert table == C.flags_markdown(), "regenerate the README table from config.flags_markdown()"
+
+
+def test_every_setting_with_a_flag_reaches_the_cli_with_its_declared_help():
+    from cifar10_resnet50 import cli
+
+    parser = cli.build_parser()
+    train = cli._SUBPARSERS["train"]
+    by_dest = {a.dest: a for a in train._actions}
+    for flag, key, kwargs in C.train_flags():
+        assert by_dest[key].option_strings == [flag] and by_dest[key].help == kwargs["help"]
+    assert parser is not None
+
+
+def test_gpu_defaults_use_big_batches_with_the_lr_scaled_to_the_global_batch():
+    gpu, cpu = C.resolve(C.Config(), "cuda"), C.resolve(C.Config(), "cpu")
+    assert (gpu.train.batch_size, gpu.optim.lr, gpu.train.eval_batch_size) == (512, 0.4, 1024)
+    assert (cpu.train.batch_size, cpu.optim.lr, cpu.train.eval_batch_size) == (128, 0.1, 500)
+    two = C.resolve(C.Config(), "cuda", world_size=2)  # global batch 1024: linear for SGD
+    assert two.optim.lr == pytest.approx(0.8)
+    adamw = C.override(C.Config(), {"optim.optimizer": "adamw"})
+    assert C.resolve(adamw, "cuda").optim.lr == pytest.approx(1e-3 * 2)  # sqrt(512 / 128)
+    mine = C.override(C.Config(), {"optim.lr": 0.05, "train.batch_size": 64})
+    assert (C.resolve(mine, "cuda").optim.lr, C.resolve(mine, "cuda").train.batch_size) == (
+        0.05,
+        64,
+    )
+
+
+def test_old_configs_with_a_boolean_compile_still_load():
+    cfg = C.from_dict({"train": {"compile": True}})
+    assert (
+        cfg.train.compile == "on"
+        and C.from_dict({"train": {"compile": False}}).train.compile == "off"
+    )
+
+
+def test_compile_auto_pays_only_for_long_runs():
+    from cifar10_resnet50.train import compile_pays
+
+    # H100 figures: 512 images in 0.069 s eager; 10 epochs of 88 steps leave ~880 steps.
+    assert not compile_pays("cuda", 0.069, 880)  # saves ~18 s < 65 s of compiling
+    assert compile_pays("cuda", 0.069, 5000)  # a 60-epoch run repays it
+    assert not compile_pays("cpu", 0.1, 8)  # the tests' tiny runs never compile

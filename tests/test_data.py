@@ -313,7 +313,7 @@ def test_train_batches_resume_midway_reproduces_the_rest():
     full = list(data.train_batches(x, y, batch_size=16, seed=1, epoch=2))
     tail = list(data.train_batches(x, y, batch_size=16, seed=1, epoch=2, start=3))
     assert len(full) == 6  # 100 // 16, last partial batch dropped
-    for (i, xa, ya), (j, xb, yb) in zip(full[3:], tail, strict=True):
+    for (i, xa, ya, _), (j, xb, yb, _) in zip(full[3:], tail, strict=True):
         assert i == j and torch.equal(xa, xb) and torch.equal(ya, yb)
     other_epoch = list(data.train_batches(x, y, batch_size=16, seed=1, epoch=3))
     assert not torch.equal(full[0][2], other_epoch[0][2])
@@ -324,13 +324,13 @@ def test_ranks_take_disjoint_shards_of_one_order():
     y = torch.arange(64)
     r0 = [
         yb
-        for _, _, yb in data.train_batches(
+        for _, _, yb, _ in data.train_batches(
             x, y, batch_size=8, seed=0, epoch=0, rank=0, world_size=2
         )
     ]
     r1 = [
         yb
-        for _, _, yb in data.train_batches(
+        for _, _, yb, _ in data.train_batches(
             x, y, batch_size=8, seed=0, epoch=0, rank=1, world_size=2
         )
     ]

@@ -82,7 +82,8 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoints(synthetic_root, 
     )
     out = tmp_path / "r"
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model"]["image_size"] == 32 and saved["optim"]["lr"] == 0.1  # resolved
+    # resolved: 32 px, and the lr scaled linearly from 0.1 at batch 128 to batch 16
+    assert saved["model"]["image_size"] == 32 and saved["optim"]["lr"] == 0.1 * 16 / 128
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(0 <= r["val_acc"] <= 1 and r["img_per_s"] > 0 for r in rows)
@@ -180,4 +181,5 @@ def test_from_scratch_trains_the_backbone_at_the_head_lr(synthetic_root, tmp_pat
         final_eval=False,
     )
     groups = _state(result.last)["train_state"]["optimizer"]["param_groups"]
-    assert {g["name"]: g["initial_lr"] for g in groups}["backbone"] == 0.1
+    lrs = {g["name"]: g["initial_lr"] for g in groups}
+    assert lrs["backbone"] == lrs["head"] == 0.1 * 16 / 128  # the default, scaled to batch 16

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,102 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Cl
             "Use another checkpoint (training never writes such weights)."
         )
     return model.to(device).eval(), meta
+
+
+# --------------------------------------------------------------------------- a run's layout
+
+
+def _zero_sums() -> dict[str, Any]:
+    return {"loss": 0.0, "correct": 0.0, "seen": 0.0}
+
+
+@dataclass
+class RunState:
+    """Where a run stands: the position, the best validation accuracy so far and the running
+    sums of the current epoch (device tensors while training, floats when saved)."""
+
+    epoch: int = 0
+    batch: int = 0  # batches of this epoch already trained
+    step: int = 0  # optimizer steps in all
+    best_val_acc: float | None = None
+    sums: dict[str, Any] = field(default_factory=_zero_sums)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch, self.sums = self.epoch + 1, 0, _zero_sums()
+
+
+class Saver:
+    """Owns a run folder's checkpoints, and is the one place their dicts are built:
+    ``last.pt`` (everything ``--resume`` needs) and ``best.pt`` (the model alone, a third
+    of the size with AdamW, plus the metrics of its epoch). Only the main process writes."""
+
+    def __init__(self, out: Path, meta: dict, config: dict, *, is_main: bool, world_size: int):
+        self.last, self.best = out / "last.pt", out / "best.pt"
+        self.meta, self.config = meta, config
+        self.is_main, self.world_size = is_main, world_size
+        # A CPU copy of the best weights, so the final evaluation needs no file read.
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def save_last(self, model, optimizer, scheduler, scaler, state: RunState) -> None:
+        if not self.is_main:
+            return
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        save(
+            self.last,
+            {
+                "model_meta": self.meta,
+                "model": model.state_dict(),
+                "config": self.config,
+                "train_state": {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": rng,
+                    "epoch": state.epoch,
+                    "batch": state.batch,
+                    "step": state.step,
+                    "best_val_acc": state.best_val_acc,
+                    "epoch_sums": {k: float(v) for k, v in state.sums.items()},
+                    "world_size": self.world_size,
+                },
+            },
+        )
+
+    def save_best(self, model, row: dict[str, Any]) -> None:
+        if self.is_main:
+            self.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+            }
+            save(
+                self.best,
+                {
+                    "model_meta": self.meta,
+                    "model": model.state_dict(),
+                    "config": self.config,
+                    "metrics": row,
+                },
+            )
+
+    def restore(self, saved: dict, model, optimizer, scheduler, scaler) -> RunState:
+        """Put a loaded ``last.pt`` back into the training objects; return its position."""
+        ts = saved["train_state"]
+        world = ts.get("world_size", 1)
+        if world != self.world_size:
+            raise UserError(
+                f"{self.last} was trained by {world} process(es) and is resumed by "
+                f"{self.world_size}: each process's share of every batch would change. Resume "
+                f"with torchrun --nproc-per-node × --nnodes = {world} processes, or start a "
+                "new run."
+            )
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        scaler.load_state_dict(ts["scaler"])
+        torch.set_rng_state(ts["rng"]["torch"])
+        if torch.cuda.is_available() and ts["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
+        return RunState(
+            ts["epoch"], ts["batch"], ts["step"], ts["best_val_acc"], dict(ts["epoch_sums"])
+        )

@@ -16,8 +16,8 @@ import sys
 from typing import Any
 
 from . import __version__
-from .config import OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, Config, ServeConfig
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, UserError
+from .config import PRECISIONS, Config, ServeConfig, train_flags
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, UserError, first_line
 
 S = argparse.SUPPRESS  # only flags the user gives reach the config; defaults live in config.py
 
@@ -43,200 +43,8 @@ def _number(kind: type, low: float, high: float | None = None, *, above: bool = 
 
 POSITIVE_INT = _number(int, 1)
 
-# (flag, config key, argparse keywords). Defaults are documented from config.py, not here.
-TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    (
-        "--data-dir",
-        "data.data_dir",
-        {
-            "metavar": "DIR",
-            "help": "folder holding cifar-10-batches-py/ (else $CIFAR10_DATA_DIR, else the user cache)",
-        },
-    ),
-    (
-        "--no-download",
-        "data.download",
-        {
-            "action": "store_false",
-            "help": "fail instead of downloading CIFAR-10 when it is missing",
-        },
-    ),
-    (
-        "--val-size",
-        "data.val_size",
-        {
-            "type": int,
-            "metavar": "N",
-            "help": "stratified validation hold-out from train for model selection (default 5000; 0 = none)",
-        },
-    ),
-    (
-        "--subset",
-        "data.subset",
-        {
-            "type": int,
-            "metavar": "N",
-            "help": "train on the first N training images only (quick runs)",
-        },
-    ),
-    (
-        "--weights",
-        "model.weights",
-        {
-            "metavar": "W",
-            "help": "imagenet (IMAGENET1K_V2, default) | imagenet-v1 | none | PATH to a torchvision resnet50 .pth",
-        },
-    ),
-    (
-        "--image-size",
-        "model.image_size",
-        {
-            "type": int,
-            "metavar": "PX",
-            "help": "resolution the 32 px images are resized to inside the model (default: 160 on GPU, 64 on CPU)",
-        },
-    ),
-    (
-        "--strategy",
-        "train.strategy",
-        {
-            "choices": STRATEGIES,
-            "help": "full (default): all layers, backbone at a lower lr; linear: head only, frozen BatchNorm; gradual: head first, then all",
-        },
-    ),
-    ("--epochs", "train.epochs", {"type": int, "help": "default: 10 on GPU, 2 on CPU"}),
-    ("--batch-size", "train.batch_size", {"type": int, "help": "default 128"}),
-    (
-        "--freeze-epochs",
-        "train.freeze_epochs",
-        {
-            "type": int,
-            "metavar": "N",
-            "help": "gradual: epochs with the backbone frozen (default 1)",
-        },
-    ),
-    (
-        "--seed",
-        "train.seed",
-        {"type": int, "help": "default 0; fixes split, init, order and augmentation"},
-    ),
-    (
-        "--device",
-        "train.device",
-        {"choices": ("auto", "cpu", "cuda"), "help": "default auto (cuda if available)"},
-    ),
-    (
-        "--precision",
-        "train.precision",
-        {
-            "choices": PRECISIONS,
-            "help": "default auto: bf16 where fast (modern GPUs and CPUs), fp16+grad scaler on older GPUs, else fp32",
-        },
-    ),
-    (
-        "--compile",
-        "train.compile",
-        {
-            "action": "store_true",
-            "help": "torch.compile the model (faster steps after a compile of ~1 min)",
-        },
-    ),
-    (
-        "--no-channels-last",
-        "train.channels_last",
-        {"action": "store_false", "help": "keep NCHW memory layout"},
-    ),
-    ("--out", "train.out", {"metavar": "RUN_DIR", "help": "run folder (default runs/<date-time>)"}),
-    (
-        "--checkpoint-every",
-        "train.checkpoint_every",
-        {
-            "type": int,
-            "metavar": "STEPS",
-            "help": "also save last.pt every N steps (default: each epoch end)",
-        },
-    ),
-    ("--no-progress", "train.progress", {"action": "store_false", "help": "no progress bars"}),
-    (
-        "--no-tensorboard",
-        "train.tensorboard",
-        {"action": "store_false", "help": "no TensorBoard events in RUN_DIR/tensorboard"},
-    ),
-    (
-        "--threads",
-        "train.threads",
-        {"type": int, "metavar": "N", "help": "CPU threads (default: all cores)"},
-    ),
-    (
-        "--optimizer",
-        "optim.optimizer",
-        {"choices": OPTIMIZERS, "help": "sgd (Nesterov, default) or adamw"},
-    ),
-    (
-        "--lr",
-        "optim.lr",
-        {"type": float, "help": "peak lr of the head (default 0.1 SGD, 1e-3 AdamW)"},
-    ),
-    (
-        "--backbone-lr-scale",
-        "optim.backbone_lr_scale",
-        {
-            "type": float,
-            "metavar": "X",
-            "help": "backbone lr = lr × X for pretrained weights (default 0.1)",
-        },
-    ),
-    ("--momentum", "optim.momentum", {"type": float, "help": "SGD momentum (default 0.9)"}),
-    (
-        "--weight-decay",
-        "optim.weight_decay",
-        {
-            "type": float,
-            "metavar": "WD",
-            "help": "default 5e-4 SGD, 0.05 AdamW; never on BatchNorm or biases",
-        },
-    ),
-    (
-        "--schedule",
-        "optim.schedule",
-        {"choices": SCHEDULES, "help": "cosine (after warm-up, default) or onecycle"},
-    ),
-    (
-        "--warmup",
-        "optim.warmup",
-        {
-            "type": float,
-            "metavar": "FRAC",
-            "help": "linear warm-up as a fraction of all steps (default 0.05)",
-        },
-    ),
-    (
-        "--grad-clip",
-        "optim.grad_clip",
-        {"type": float, "metavar": "NORM", "help": "max gradient norm (default 5; 0 = off)"},
-    ),
-    (
-        "--label-smoothing",
-        "optim.label_smoothing",
-        {"type": float, "metavar": "EPS", "help": "default 0.1"},
-    ),
-    (
-        "--crop-padding",
-        "augment.crop_padding",
-        {"type": int, "metavar": "PX", "help": "random-crop padding at 32 px (default 4; 0 = off)"},
-    ),
-    ("--no-flip", "augment.flip", {"action": "store_false", "help": "no random horizontal flips"}),
-    (
-        "--mixup",
-        "augment.mixup",
-        {"type": float, "metavar": "ALPHA", "help": "mixup Beta(α,α) (default 0 = off)"},
-    ),
-    (
-        "--cutmix",
-        "augment.cutmix",
-        {"type": float, "metavar": "ALPHA", "help": "CutMix Beta(α,α) (default 0 = off)"},
-    ),
-]
+# (flag, config key, argparse keywords), declared once beside each default in config.py.
+TRAIN_FLAGS = train_flags()
 
 
 class Parser(argparse.ArgumentParser):
@@ -648,6 +456,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import api
 
     result = api.train(cfg, resume=args.resume)
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) > 0:  # torchrun: rank 0 prints the results
+        return EXIT_INTERRUPTED if result.stopped_early else EXIT_OK
     if result.already_finished:
         n = result.epochs_done
         print(
@@ -781,8 +593,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import os
+
+    rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun, rank 0 speaks for the job
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if args.quiet or rank > 0 else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )
@@ -806,6 +621,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and isinstance(e, RuntimeError):
+            # A collective failed: another process of the torchrun job died or vanished.
+            print(
+                f"error: rank {rank}: lost contact with the other processes of this torchrun "
+                f"job ({type(e).__name__}: {first_line(e)}); the first failing rank's message "
+                "above says why",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
         if isinstance(e, OSError) and e.filename is not None:
             # A path that cannot be read or written (missing folder, permissions, full disk)
             # is the user's to fix, and the file name says where.

@@ -39,84 +39,163 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE = ("auto", "on", "off")
+
+
+def setting(default: Any, flag: str | None = None, help: str = "", **argparse: Any) -> Any:
+    """A config field and its command-line flag, declared once: the CLI's flag table, its
+    help texts and the README's defaults all derive from these (``train_flags``)."""
+    return field(default=default, metadata={"flag": flag, "help": help, **argparse})
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Folder holding ``cifar-10-batches-py/``; None → $CIFAR10_DATA_DIR, else the user cache.
-    data_dir: str | None = None
+    data_dir: str | None = setting(
+        None,
+        "--data-dir",
+        "folder holding cifar-10-batches-py/ (default $CIFAR10_DATA_DIR, else the user cache)",
+        metavar="DIR",
+    )
     # Download the official archive when the folder has no data (md5-verified, never silent).
-    download: bool = True
+    download: bool = setting(True, "--no-download", "fail instead of downloading CIFAR-10")
     # Stratified, seeded hold-out from the 50,000 training images, used for model selection.
-    val_size: int = 5000
-    # Train on the first N (shuffled, stratified-split) training images; None = all.
-    subset: int | None = None
+    val_size: int = setting(
+        5000,
+        "--val-size",
+        "stratified validation hold-out for choosing best.pt; 0 = none",
+        metavar="N",
+    )
+    subset: int | None = setting(
+        None, "--subset", "train on the first N training images only (quick runs)", metavar="N"
+    )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # "imagenet" (IMAGENET1K_V2), "imagenet-v1", "none", or a path to a torchvision state dict.
-    weights: str = "imagenet"
-    # Side length the 32 px images are resized to inside the model. None → per device:
-    # 160 on CUDA (BiT-HyperRule resizes small images to 160 px; 160–224 is the known-good
-    # range), 64 on CPU (an epoch in ~5 minutes on 2 cores instead of hours at 224 px).
-    image_size: int | None = None
+    weights: str = setting(
+        "imagenet",
+        "--weights",
+        "imagenet (IMAGENET1K_V2) | imagenet-v1 | none | PATH to a torchvision resnet50 .pth",
+        metavar="W",
+    )
+    # BiT-HyperRule resizes small images to 160 px (160–224 is the known-good range); 64 px
+    # on a CPU gives an epoch in minutes instead of hours.
+    image_size: int | None = setting(
+        None,
+        "--image-size",
+        "resolution the 32 px images are resized to inside the model (default: 160 on a GPU, "
+        "64 on a CPU)",
+        metavar="PX",
+    )
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "sgd"
-    # Peak learning rate of the new head. None → 0.1 for SGD, 1e-3 for AdamW (batch 128).
-    lr: float | None = None
-    # Pretrained layers learn this much slower than the head (discriminative fine-tuning,
-    # as fastai and Kornblith et al. 2019). Ignored (1.0) when training from scratch.
-    backbone_lr_scale: float = 0.1
-    momentum: float = 0.9
-    # None → 5e-4 for SGD, 0.05 for AdamW. Never applied to BatchNorm weights or biases.
-    weight_decay: float | None = None
-    schedule: str = "cosine"
-    # Linear warm-up, as a fraction of all steps (protects pretrained features from the
-    # large gradients of the randomly initialised head in the first steps).
-    warmup: float = 0.05
-    # Max global gradient norm; 0 disables clipping.
-    grad_clip: float = 5.0
-    label_smoothing: float = 0.1
+    optimizer: str = setting("sgd", "--optimizer", "sgd (Nesterov) or adamw", choices=OPTIMIZERS)
+    # Scaled with the batch size: linear for SGD (Goyal et al. 2017, with the warm-up below),
+    # square root for AdamW; 0.1 / 1e-3 at batch 128.
+    lr: float | None = setting(
+        None,
+        "--lr",
+        "peak lr of the head (default: SGD 0.1, AdamW 1e-3 at batch 128, scaled to the batch "
+        "size: linearly for SGD, by its square root for AdamW)",
+    )
+    # Discriminative fine-tuning (fastai; Kornblith et al. 2019). 1.0 when training from scratch.
+    backbone_lr_scale: float = setting(
+        0.1, "--backbone-lr-scale", "backbone lr = lr × X for pretrained weights", metavar="X"
+    )
+    momentum: float = setting(0.9, "--momentum", "SGD momentum")
+    weight_decay: float | None = setting(
+        None,
+        "--weight-decay",
+        "default SGD 5e-4, AdamW 0.05; never on BatchNorm or biases",
+        metavar="WD",
+    )
+    schedule: str = setting(
+        "cosine", "--schedule", "cosine (after warm-up) or onecycle", choices=SCHEDULES
+    )
+    # Protects pretrained features from the large gradients of the new head's first steps.
+    warmup: float = setting(
+        0.05, "--warmup", "linear warm-up as a fraction of all steps", metavar="FRAC"
+    )
+    grad_clip: float = setting(
+        5.0, "--grad-clip", "max global gradient norm; 0 = off", metavar="NORM"
+    )
+    label_smoothing: float = setting(0.1, "--label-smoothing", "label smoothing", metavar="EPS")
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    # Random crop from a reflect-padded image (pixels, at 32 px) and horizontal flip: the
-    # standard CIFAR recipe, done batched on the device.
-    crop_padding: int = 4
-    flip: bool = True
-    # Beta(alpha, alpha) mixing strength; 0 disables. BiT uses mixup 0.1 on CIFAR-10.
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    # The standard CIFAR recipe, batched on the device.
+    crop_padding: int = setting(
+        4, "--crop-padding", "random-crop padding at 32 px; 0 = off", metavar="PX"
+    )
+    flip: bool = setting(True, "--no-flip", "no random horizontal flips")
+    # BiT uses mixup 0.1 on CIFAR-10.
+    mixup: float = setting(0.0, "--mixup", "mixup Beta(α,α); 0 = off", metavar="ALPHA")
+    cutmix: float = setting(0.0, "--cutmix", "CutMix Beta(α,α); 0 = off", metavar="ALPHA")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    strategy: str = "full"
-    # None → 10 on CUDA, 2 on CPU.
-    epochs: int | None = None
-    batch_size: int = 128
-    # With --strategy gradual: epochs with the backbone frozen before everything trains.
-    freeze_epochs: int = 1
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    out: str | None = None
-    # Also save ``last`` every N optimizer steps (0 = only at the end of each epoch).
-    checkpoint_every: int = 0
-    eval_batch_size: int = 500
-    progress: bool = True
-    # CPU threads for PyTorch; None → all cores. Leaves cores free on a shared machine.
-    threads: int | None = None
-    # TensorBoard events in RUN_DIR/tensorboard (scalars at each host sync, per-epoch
-    # confusion matrix and predictions): `tensorboard --logdir runs`.
-    tensorboard: bool = True
+    strategy: str = setting(
+        "full",
+        "--strategy",
+        "full: all layers, backbone at a lower lr; linear: head only, frozen BatchNorm; "
+        "gradual: head first, then all",
+        choices=STRATEGIES,
+    )
+    epochs: int | None = setting(None, "--epochs", "default: 10 on a GPU, 2 on a CPU")
+    # A GPU needs big batches to stay busy: 512 ran at 7,429 img/s on an H100 at 160 px,
+    # 128 at ~3,800 (issue 6's measurements).
+    batch_size: int | None = setting(
+        None,
+        "--batch-size",
+        "images per step per process (default: 512 on a GPU, 128 on a CPU)",
+    )
+    freeze_epochs: int = setting(
+        1, "--freeze-epochs", "gradual: epochs with the backbone frozen", metavar="N"
+    )
+    seed: int = setting(0, "--seed", "fixes split, init, order and augmentation")
+    device: str = setting("auto", "--device", "auto: cuda if available", choices=DEVICES)
+    precision: str = setting(
+        "auto",
+        "--precision",
+        "auto: bf16 where fast (modern GPUs and CPUs), fp16+grad scaler on older GPUs, else fp32",
+        choices=PRECISIONS,
+    )
+    channels_last: bool = setting(True, "--no-channels-last", "keep NCHW memory layout")
+    compile: str = setting(
+        "auto",
+        "--compile",
+        "torch.compile: auto compiles when the run is long enough to repay it",
+        choices=COMPILE,
+    )
+    sync_bn: bool = setting(
+        False, "--sync-bn", "torchrun: BatchNorm statistics over all processes' batches"
+    )
+    out: str | None = setting(
+        None, "--out", "run folder (default runs/<date-time>)", metavar="RUN_DIR"
+    )
+    checkpoint_every: int = setting(
+        0,
+        "--checkpoint-every",
+        "also save last.pt every N steps; 0 = each epoch end",
+        metavar="STEPS",
+    )
+    eval_batch_size: int | None = setting(
+        None,
+        "--eval-batch-size",
+        "images per evaluation batch (default: 1024 on a GPU, 500 on a CPU)",
+        metavar="N",
+    )
+    progress: bool = setting(True, "--no-progress", "no progress bars")
+    threads: int | None = setting(
+        None, "--threads", "CPU threads (default: all cores)", metavar="N"
+    )
+    tensorboard: bool = setting(
+        True, "--no-tensorboard", "no TensorBoard events in RUN_DIR/tensorboard"
+    )
 
 
 # Limits for user images (predict and serve share them).
@@ -185,6 +264,8 @@ def _coerce(section: str, name: str, value: Any, annotation: str) -> Any:
         if "None" in annotation:
             return None
         raise UserError(f"config: {where} may not be empty")
+    if where == "train.compile" and isinstance(value, bool):  # configs before auto|on|off
+        return "on" if value else "off"
     if "bool" in annotation:
         if not isinstance(value, bool):
             raise UserError(f"config: {where} must be true or false, got {value!r}")
@@ -255,6 +336,33 @@ def override(cfg: Config, dotted: dict[str, Any]) -> Config:
     return from_dict(nested, cfg)
 
 
+def train_flags() -> list[tuple[str, str, dict[str, Any]]]:
+    """(flag, dotted key, argparse keywords) of every setting that has a flag, from the
+    dataclasses above: the one declaration of flags, help texts and defaults."""
+    flags = []
+    for section, kind in _SECTION_TYPES.items():
+        defaults = kind()
+        for f in dataclasses.fields(kind):
+            extra = dict(f.metadata)
+            flag, text = extra.pop("flag", None), extra.pop("help", "")
+            if not flag:
+                continue
+            default = getattr(defaults, f.name)
+            if isinstance(default, bool):
+                kwargs = {"action": "store_false" if default else "store_true", "help": text}
+            else:
+                if default is not None and "default" not in text:
+                    text += f" (default {default})"
+                kwargs = {"help": text, **extra}
+                if "choices" not in extra:
+                    annotation = str(f.type)
+                    kwargs["type"] = (
+                        int if "int" in annotation else (float if "float" in annotation else str)
+                    )
+            flags.append((flag, f"{section}.{f.name}", kwargs))
+    return flags
+
+
 def field_keys() -> dict[str, str]:
     """Each setting's bare name → its dotted key (``"lr"`` → ``"optim.lr"``); names are
     unique across sections, so the Python API can take ``train(lr=0.01, epochs=3)``."""
@@ -293,8 +401,11 @@ def validate(cfg: Config) -> None:
     check(t.device in DEVICES, f"--device must be one of {DEVICES}, got {t.device!r}")
     check(t.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}")
     check(t.epochs is None or t.epochs >= 1, "--epochs must be at least 1")
-    check(t.batch_size >= 1, "--batch-size must be at least 1")
-    check(t.eval_batch_size >= 1, "eval_batch_size must be at least 1")
+    check(t.batch_size is None or t.batch_size >= 1, "--batch-size must be at least 1")
+    check(
+        t.eval_batch_size is None or t.eval_batch_size >= 1, "--eval-batch-size must be at least 1"
+    )
+    check(t.compile in COMPILE, f"--compile must be one of {COMPILE}, got {t.compile!r}")
     check(t.freeze_epochs >= 0, "--freeze-epochs must be 0 or more")
     check(t.seed >= 0, "--seed must be 0 or more")
     check(t.checkpoint_every >= 0, "--checkpoint-every must be 0 or more")
@@ -317,21 +428,41 @@ def validate(cfg: Config) -> None:
     )
 
 
-def resolve(cfg: Config, device_type: str) -> Config:
-    """Fill every "auto" (None) field for ``device_type`` ("cuda" or "cpu")."""
+BASE_BATCH = 128  # the batch size the default learning rates were chosen for
+
+
+def scaled_lr(optimizer: str, global_batch: int) -> float:
+    """Default peak lr for a global batch: SGD 0.1 and AdamW 1e-3 at batch 128, scaled
+    linearly for SGD (Goyal et al. 2017: with warm-up, lr ∝ batch up to ~8k) and by the
+    square root for AdamW (adaptive methods: Hoffer et al. 2017; Malladi et al. 2022)."""
+    ratio = global_batch / BASE_BATCH
+    return 0.1 * ratio if optimizer == "sgd" else 1e-3 * ratio**0.5
+
+
+def resolve(cfg: Config, device_type: str, world_size: int = 1) -> Config:
+    """Fill every "auto" (None) field for ``device_type`` ("cuda" or "cpu") and the number
+    of processes (the learning rate follows the global batch)."""
     gpu = device_type == "cuda"
     sgd = cfg.optim.optimizer == "sgd"
     model = dataclasses.replace(cfg.model, image_size=cfg.model.image_size or (160 if gpu else 64))
+    batch = cfg.train.batch_size or (512 if gpu else 128)
     optim = dataclasses.replace(
         cfg.optim,
-        lr=cfg.optim.lr if cfg.optim.lr is not None else (0.1 if sgd else 1e-3),
+        lr=cfg.optim.lr
+        if cfg.optim.lr is not None
+        else scaled_lr(cfg.optim.optimizer, batch * world_size),
         weight_decay=(
             cfg.optim.weight_decay
             if cfg.optim.weight_decay is not None
             else (5e-4 if sgd else 0.05)
         ),
     )
-    train = dataclasses.replace(cfg.train, epochs=cfg.train.epochs or (10 if gpu else 2))
+    train = dataclasses.replace(
+        cfg.train,
+        epochs=cfg.train.epochs or (10 if gpu else 2),
+        batch_size=batch,
+        eval_batch_size=cfg.train.eval_batch_size or (1024 if gpu else 500),
+    )
     if train.strategy == "gradual" and train.freeze_epochs >= train.epochs:
         # Checked here, not in validate(): the epoch count is only known once resolved.
         raise UserError(
@@ -339,3 +470,16 @@ def resolve(cfg: Config, device_type: str) -> Config:
             f"{train.epochs}; lower it below --epochs, or use --strategy linear"
         )
     return dataclasses.replace(cfg, model=model, optim=optim, train=train)
+
+
+def flags_markdown() -> str:
+    """The README's `train` flags table, generated from the declarations above (a test keeps
+    the README equal to it: ``python -c "from cifar10_resnet50.config import flags_markdown;
+    print(flags_markdown())"`` regenerates it)."""
+    lines = ["| flag | key | meaning |", "|---|---|---|"]
+    for flag, key, kwargs in train_flags():
+        text = kwargs["help"].replace("|", "\\|")
+        if "choices" in kwargs:
+            flag += " " + "\\|".join(kwargs["choices"])
+        lines.append(f"| `{flag}` | `{key}` | {text} |")
+    return "\n".join(lines)

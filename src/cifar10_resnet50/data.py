@@ -655,23 +655,38 @@ def train_batches(
     start: int = 0,
     padding: int = 4,
     flip: bool = True,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
+    num_classes: int = 10,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(batch_index, images, labels)`` for one epoch, from batch ``start`` on.
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(batch_index, images, labels, targets)`` for one epoch, from batch ``start`` on.
 
-    ``x``: uint8 [N,3,32,32] on the training device; batches are views gathered from it.
-    The last incomplete batch is dropped (a BatchNorm batch of 1 is undefined). Each rank of a
-    torchrun job takes every ``world_size``-th batch of the same global order.
+    ``x``: uint8 [N,3,32,32] on the training device; ``targets`` are the labels, or soft
+    labels float [B,C] with mixup/CutMix. The last incomplete batch is dropped (a BatchNorm
+    batch of 1 is undefined).
+
+    With torchrun, a step's *global* batch (``batch_size × world_size`` images of one global
+    order) is augmented and mixed as a whole, with randomness keyed by (seed, epoch, batch),
+    and each rank takes its slice: the same images, crops and mixes as one process with the
+    global batch, so runs agree whatever the process count (tested).
     """
     order = epoch_order(len(x), seed, epoch).to(x.device)
     steps = steps_per_epoch(len(x), batch_size, world_size)
+    global_batch = batch_size * world_size
     for i in range(start, steps):
-        g = i * world_size + rank
-        idx = order[g * batch_size : (g + 1) * batch_size]
-        gen = torch.Generator(device=x.device).manual_seed(batch_seed(seed, epoch, i))
-        xb = random_crop_flip(x[idx], gen, padding, flip)  # uint8 [B,3,32,32]
-        yield i, xb, y[idx]
+        idx = order[i * global_batch : (i + 1) * global_batch]
+        key = batch_seed(seed, epoch, i)
+        gen = torch.Generator(device=x.device).manual_seed(key)
+        xb = random_crop_flip(x[idx], gen, padding, flip)  # uint8 [B×W,3,32,32]
+        yb = y[idx]
+        target = yb
+        if mixup > 0 or cutmix > 0:
+            mix_gen = torch.Generator(device=x.device).manual_seed(key + 1)
+            xb, target = mix_batch(xb, yb, num_classes, key, mix_gen, mixup, cutmix)
+        mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        yield i, xb[mine], yb[mine], target[mine]
 
 
 def sample_batch(
@@ -687,15 +702,20 @@ def sample_batch(
     """The first ``n`` images of epoch 0's first batch, augmented exactly as training does
     (fastai's ``show_batch``), with their label (or the two mixed labels and weights)."""
     batches = train_batches(
-        arrays.train_x, arrays.train_y, batch_size=n, seed=seed, epoch=0, padding=padding, flip=flip
+        arrays.train_x,
+        arrays.train_y,
+        batch_size=n,
+        seed=seed,
+        epoch=0,
+        padding=padding,
+        flip=flip,
+        mixup=mixup,
+        cutmix=cutmix,
+        num_classes=len(arrays.classes),
     )
-    _, xb, yb = next(batches)
+    _, xb, yb, soft = next(batches)
     titles = [arrays.classes[y] for y in yb.tolist()]
     if mixup > 0 or cutmix > 0:
-        gen = torch.Generator().manual_seed(batch_seed(seed, 0, 0) + 1)
-        xb, soft = mix_batch(
-            xb, yb, len(arrays.classes), batch_seed(seed, 0, 0), gen, mixup, cutmix
-        )
         titles = []
         for row in soft:
             w, idx = row.topk(2)

@@ -140,7 +140,7 @@ def _batches(cfg: Config, device: torch.device) -> Iterator[tuple[torch.Tensor, 
         raise UserError(f"{len(x)} images make no batch of {cfg.train.batch_size}")
     epoch = 0
     while True:
-        for _, xb, yb in data.train_batches(
+        for _, xb, yb, _ in data.train_batches(
             x,
             y,
             batch_size=cfg.train.batch_size,

@@ -1,8 +1,11 @@
-"""The ``train`` command: fine-tune ResNet-50 on CIFAR-10.
+"""The ``train`` command: fine-tune ResNet-50 on CIFAR-10, on one device or many (torchrun).
 
-Read ``run()`` top to bottom: set-up, then one plain loop over epochs and batches. Resume is
-exact because all randomness in the loop is keyed by (seed, epoch, batch) and everything else
-that changes (weights, BatchNorm statistics, optimizer, scheduler, scaler, position) is saved.
+Read ``run()`` then ``_run()`` top to bottom: set-up (``_setup``, ``_build``), then a plain loop
+over epochs (``_train_epoch`` → ``_train_step``; ``_end_epoch``), then the final evaluation.
+What travels together lives in two objects: ``Run`` (model, optimizer, data, saver...) and
+``checkpoint.RunState`` (position, best score, running sums). Resume is exact because all
+randomness in the loop is keyed by (seed, epoch, batch) and everything else that changes
+(weights, BatchNorm statistics, optimizer, scheduler, scaler, position) is saved.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -26,8 +30,8 @@ from . import model as model_lib
 from .board import Board
 from .config import Config, resolve
 from .errors import UserError
-from .fileio import remove_stale_temps, write_bytes, write_json
-from .runtime import Process, autocast, pick_device, pick_precision
+from .fileio import ensure_writable_dir, remove_stale_temps, write_bytes, write_json
+from .runtime import Process, autocast, convert_sync_bn, pick_device, pick_precision
 
 log = logging.getLogger(__name__)
 
@@ -144,46 +148,59 @@ def check_resume_config(saved: dict[str, Any], requested: Config) -> list[str]:
 
 
 class StopFlag:
-    """Ctrl-C asks the loop to stop at the next step boundary (a second Ctrl-C aborts).
+    """Ctrl-C or SIGTERM asks the loop to stop at a step boundary; a second Ctrl-C (a second
+    later or more) aborts at once.
 
     Stopping between steps, never inside one, is what lets the saved ``last`` be exact.
+    SIGTERM counts too: torchrun forwards the launcher's Ctrl-C as a signal to every worker,
+    and schedulers (Slurm, Kubernetes) stop jobs with SIGTERM.
     """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._since = 0.0
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.requested and signum == signal.SIGINT and time.monotonic() - self._since > 1:
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning(
-            "interrupt: finishing this step, saving 'last', then stopping (Ctrl-C again aborts)"
-        )
+        if not self.requested:
+            self.requested, self._since = True, time.monotonic()
+            log.warning(
+                "interrupt: finishing this step, saving 'last', then stopping (Ctrl-C again aborts)"
+            )
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
-def _check_finite(losses: list[torch.Tensor], first_step: int, steps_per_epoch: int) -> None:
-    """Raise if any pending loss is NaN/inf, naming the first bad step. One host sync."""
+def _first_non_finite(losses: list[torch.Tensor], first_step: int) -> tuple[int, float] | None:
+    """(step, value) of the first NaN/inf among the pending losses, or None. One host sync."""
     if not losses:
-        return
+        return None
     values = torch.stack(losses).float()
     bad = torch.nonzero(~torch.isfinite(values)).flatten()
     if len(bad):
-        step = first_step + int(bad[0])
-        raise UserError(
-            f"loss became {values[bad[0]].item()} at step {step + 1} (epoch "
-            f"{step // steps_per_epoch + 1}, batch {step % steps_per_epoch + 1}); stopped "
-            "without saving. Lower --lr, raise --warmup, or use --precision fp32."
-        )
+        return first_step + int(bad[0]), float(values[bad[0]])
+    return None
+
+
+def _non_finite_error(found: tuple[int, float] | None, steps_per_epoch: int) -> UserError:
+    advice = "Lower --lr, raise --warmup, or use --precision fp32."
+    if found is None:
+        return UserError(f"another process's loss became NaN/inf; stopped without saving. {advice}")
+    step, value = found
+    return UserError(
+        f"loss became {value} at step {step + 1} (epoch {step // steps_per_epoch + 1}, batch "
+        f"{step % steps_per_epoch + 1}); stopped without saving. {advice}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +213,408 @@ class TrainResult:
     stopped_early: bool
     test: evaluate.EvalReport | None
     already_finished: bool = False  # --resume of a run that had done all its epochs
+
+
+# --------------------------------------------------------------------------- compile policy
+
+# Measured (issue 6, one H100, 160 px, batch 512): eager 7,483 img/s, compiled 10,726 (1.43×),
+# first epoch with compilation 65 s; on this 2-core CPU (BENCHMARKS.md) +12 % img/s for ~60 s.
+COMPILE_COST_S = {"cuda": 65.0, "cpu": 60.0}
+COMPILE_SPEEDUP = {"cuda": 1.43, "cpu": 1.12}
+TIMED_STEPS = 20  # eager steps timed before `--compile auto` decides
+
+
+def compile_pays(device_type: str, seconds_per_step: float, steps_left: int) -> bool:
+    """`--compile auto`: compile when the time it saves on the steps left exceeds its cost.
+    With the inductor's on-disk cache warm, a second run of the same shapes costs less, so
+    this rule is conservative for repeated runs."""
+    saved = steps_left * seconds_per_step * (1 - 1 / COMPILE_SPEEDUP[device_type])
+    return saved > COMPILE_COST_S[device_type]
+
+
+def _compile(model: torch.nn.Module) -> torch.nn.Module:
+    # The inductor's compiled kernels persist across runs in the user cache, not /tmp.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(data.user_cache_dir() / "inductor"))
+    return torch.compile(model)
+
+
+# --------------------------------------------------------------------------- one run's parts
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds, built once by :func:`_build`."""
+
+    cfg: Config
+    process: Process
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    out: Path
+    meta: dict[str, Any]
+    model: model_lib.Classifier  # the bare model: saved, validated, evaluated
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    saver: checkpoint.Saver
+    arrays: data.Arrays  # CPU copy, for the final test evaluation
+    train_x: torch.Tensor  # uint8 [N,3,32,32] on the device
+    train_y: torch.Tensor
+    val_x: torch.Tensor  # this process's shard of the validation split (CPU)
+    val_y: torch.Tensor
+    steps_per_epoch: int
+    compiled: bool = False
+    compile_decided: bool = False  # `--compile auto` has made its one decision
+    forward: torch.nn.Module | None = None  # the model as trained: DDP- and/or compile-wrapped
+    frozen: bool | None = None  # the backbone state ``forward`` was built for
+
+
+def _setup(cfg: Config, resume: bool, process: Process) -> tuple[Config, Path, dict | None]:
+    """Resolved config, run folder and the saved ``last.pt`` (when resuming)."""
+    device = pick_device(cfg.train.device, process.local_rank)
+    cfg = resolve(cfg, device.type, process.world_size)
+    out = Path(cfg.train.out) if cfg.train.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if process.distributed and not cfg.train.out:
+        # Every rank must agree on the folder; the minute may differ between them.
+        raise UserError("with torchrun, pass --out RUN_DIR (every process must name one folder)")
+    # The folder is part of the saved config, so the printed "--resume --out RUN" matches it.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out=str(out)))
+    last = out / "last.pt"
+    if not resume:
+        if last.exists():
+            raise UserError(
+                f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        return cfg, out, None
+    if not last.exists():
+        raise UserError(f"--resume: no {last}; pass --out to the run folder to resume")
+    saved = checkpoint.load(last)
+    for key in check_resume_config(saved["config"], cfg):
+        log.info("resume: %s changed from the saved run", key)
+    return cfg, out, saved
+
+
+def _build(cfg: Config, out: Path, process: Process) -> Run:
+    """Model, data on the device, optimizer, schedule, run folder. Rank 0 downloads the
+    weights and the data first; the others wait for it, then read its files."""
+    t, o = cfg.train, cfg.optim
+    device = pick_device(t.device, process.local_rank)
+    root = data.resolve_data_dir(cfg.data.data_dir)
+    data.check_download_target(root, explicit=cfg.data.data_dir is not None)
+    torch.manual_seed(t.seed)
+    # The model first: without a network the weights fail in seconds, before any download.
+    with process.main_first("download of the weights and CIFAR-10"):
+        model = model_lib.build(cfg.model.weights, cfg.model.image_size, progress=t.progress)
+        if not data.is_present(root) and cfg.data.download:
+            data.download(root, progress=t.progress and process.is_main)
+        arrays = data.load(root)
+    train_idx, val_idx = data.stratified_split(arrays.train_y, cfg.data.val_size, t.seed)
+    if cfg.data.subset is not None:
+        train_idx = train_idx[: cfg.data.subset]
+    steps = data.steps_per_epoch(len(train_idx), t.batch_size, process.world_size)
+    if steps == 0:
+        raise UserError(
+            f"{len(train_idx)} training images make no full batch of {t.batch_size} × "
+            f"{process.world_size} process(es); lower --batch-size or raise --subset"
+        )
+    shard = val_idx[process.rank :: process.world_size]
+    if t.sync_bn and process.distributed:
+        model = convert_sync_bn(model, device.type)
+    model = model.to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    backbone_lr = o.lr * (o.backbone_lr_scale if cfg.model.weights != "none" else 1.0)
+    groups = param_groups(model, o.lr, backbone_lr, o.weight_decay)
+    if t.strategy == "linear":
+        groups = [g for g in groups if g["name"].startswith("head")]
+    optimizer = make_optimizer(groups, o.optimizer, o.momentum)
+    total = steps * t.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(o.schedule, total, int(o.warmup * total))
+    )
+    amp_dtype = pick_precision(t.precision, device)
+    meta = model_lib.model_meta(cfg.model.weights, cfg.model.image_size)
+    if process.is_main:  # only now: a failed start leaves no run folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # a save that was SIGKILLed leaves its temporary file
+        write_json(out / "config.json", cfg.to_dict())
+    return Run(
+        cfg=cfg,
+        process=process,
+        device=device,
+        amp_dtype=amp_dtype,
+        out=out,
+        meta=meta,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        saver=checkpoint.Saver(
+            out, meta, cfg.to_dict(), is_main=process.is_main, world_size=process.world_size
+        ),
+        arrays=arrays,
+        train_x=arrays.train_x[train_idx].to(device),
+        train_y=arrays.train_y[train_idx].to(device),
+        val_x=arrays.train_x[shard],
+        val_y=arrays.train_y[shard],
+        steps_per_epoch=steps,
+        compiled=t.compile == "on",
+    )
+
+
+def _forward(r: Run, frozen: bool) -> torch.nn.Module:
+    """The module the step calls: DDP around the model under torchrun (rebuilt when the
+    backbone freezes or thaws: DDP registers the parameters that need gradients when it is
+    built), compiled when the policy says so."""
+    if r.forward is None or r.frozen != frozen:
+        module: torch.nn.Module = r.model
+        if r.process.distributed:
+            ids = [r.device.index] if r.device.type == "cuda" else None
+            module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        r.forward, r.frozen = (_compile(module) if r.compiled else module), frozen
+    return r.forward
+
+
+def _train_step(
+    r: Run, forward: torch.nn.Module, xb: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns the loss and logits, still on the device (no sync)."""
+    o = r.cfg.optim
+    if r.cfg.train.channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    with autocast(r.device, r.amp_dtype):
+        logits = forward(xb)  # uint8 [B,3,32,32] → float [B,10]
+    loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
+    r.optimizer.zero_grad(set_to_none=True)
+    r.scaler.scale(loss).backward()
+    if o.grad_clip > 0:
+        r.scaler.unscale_(r.optimizer)
+        torch.nn.utils.clip_grad_norm_(r.model.parameters(), o.grad_clip)
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    r.scheduler.step()
+    return loss.detach(), logits.detach()
+
+
+def _train_epoch(
+    r: Run, state: checkpoint.RunState, stop: StopFlag, board: Board, stop_after: int | None
+) -> bool:
+    """Train from ``state``'s position to the end of the epoch; True if asked to stop (then
+    ``last`` is saved). Host syncs happen every ``LOG_EVERY`` steps only: the progress bar,
+    the NaN check and, under torchrun, the ranks' agreement on stopping."""
+    from tqdm import tqdm
+
+    t, a, process = r.cfg.train, r.cfg.augment, r.process
+    frozen = frozen_at(t.strategy, state.epoch, t.freeze_epochs)
+    set_backbone_frozen(r.model, frozen)
+    set_train_mode(r.model, frozen)
+    forward = _forward(r, frozen)
+    bar = tqdm(
+        total=r.steps_per_epoch,
+        initial=state.batch,
+        desc=f"epoch {state.epoch + 1}/{t.epochs}",
+        unit="step",
+        disable=not (t.progress and process.is_main),
+        leave=False,
+    )
+    t0, seen0, pending, pending_from, timed_from = (
+        time.perf_counter(),
+        state.sums["seen"],
+        [],
+        state.step,
+        None,
+    )
+    for i, xb, yb, target in data.train_batches(
+        r.train_x,
+        r.train_y,
+        batch_size=t.batch_size,
+        seed=t.seed,
+        epoch=state.epoch,
+        start=state.batch,
+        padding=a.crop_padding,
+        flip=a.flip,
+        mixup=a.mixup,
+        cutmix=a.cutmix,
+        num_classes=r.meta["num_classes"],
+        rank=process.rank,
+        world_size=process.world_size,
+    ):
+        loss, logits = _train_step(r, forward, xb, target)
+        state.step, state.batch = state.step + 1, i + 1
+        # Running sums stay on the device: no host sync per step.
+        pending.append(loss)
+        state.sums["loss"] += loss * len(yb)
+        state.sums["correct"] += (logits.argmax(1) == yb).sum()
+        state.sums["seen"] += len(yb)
+        bar.update(1)
+        asked = stop_after is not None and state.step >= stop_after
+        save_now = bool(t.checkpoint_every) and state.step % t.checkpoint_every == 0
+        sync = state.step % LOG_EVERY == 0 or state.batch == r.steps_per_epoch or asked or save_now
+        if not process.distributed:
+            sync = sync or stop.requested  # alone, stop at once; ranks stop at a shared step
+        if not sync:
+            continue
+        bad = _first_non_finite(pending, pending_from)
+        any_bad, any_stop = process.any([bad is not None, stop.requested or asked], r.device)
+        if any_bad:
+            raise _non_finite_error(bad, r.steps_per_epoch)
+        window = float(torch.stack(pending).float().mean())
+        pending, pending_from = [], state.step
+        rate = (state.sums["seen"] - seen0) * process.world_size / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{window:.3f}", img_s=f"{rate:.0f}")
+        board.step(state.step, window, r.scheduler.get_last_lr()[-1], rate)
+        timed_from = _maybe_compile(r, state, timed_from)
+        if r.compiled and r.forward is not forward:
+            forward = _forward(r, frozen)
+        if any_stop or save_now:
+            r.saver.save_last(r.model, r.optimizer, r.scheduler, r.scaler, state)
+        if any_stop:
+            bar.close()
+            return True
+    bar.close()
+    return False
+
+
+def _maybe_compile(r: Run, state: checkpoint.RunState, timed_from: tuple | None) -> tuple | None:
+    """`--compile auto`: time the first eager steps, then compile if the rest repays it."""
+    if r.cfg.train.compile != "auto" or r.compile_decided or timed_from == ():
+        return ()
+    if r.device.type == "cuda":
+        torch.cuda.synchronize(r.device)
+    now = (time.perf_counter(), state.step)
+    if timed_from is None:
+        return now  # start timing after the first sync (warm-up steps excluded)
+    if state.step - timed_from[1] < TIMED_STEPS:
+        return timed_from
+    per_step = (now[0] - timed_from[0]) / (state.step - timed_from[1])
+    left = r.steps_per_epoch * r.cfg.train.epochs - state.step
+    decision = compile_pays(r.device.type, per_step, left)
+    # Every rank must decide alike (a compiled and an eager DDP rank would still agree on
+    # gradients, but their speeds would not): rank 0's timing decides.
+    decision = r.process.any([decision and r.process.is_main], r.device)[0]
+    log.info(
+        "--compile auto: %.3f s/step eager, %d steps left → %s",
+        per_step,
+        left,
+        "compiling" if decision else "staying eager (compiling would not pay)",
+    )
+    r.compile_decided = True
+    if decision:
+        r.compiled, r.forward = True, None
+    return ()
+
+
+def _validate(r: Run) -> tuple[float | None, float | None, torch.Tensor | None]:
+    """Validation loss and accuracy over all ranks' shards (and this rank's logits)."""
+    if r.cfg.data.val_size == 0:
+        return None, None, None
+    logits = evaluate.predict_logits(
+        r.model,
+        r.val_x,
+        batch_size=r.cfg.train.eval_batch_size,
+        device=r.device,
+        amp_dtype=r.amp_dtype,
+        channels_last=r.cfg.train.channels_last,
+    )
+    if len(r.val_y):
+        loss_sum = F.cross_entropy(logits, r.val_y, reduction="sum").item()
+        correct = float((logits.argmax(1) == r.val_y).sum())
+    else:
+        loss_sum, correct = 0.0, 0.0
+    counts = torch.tensor([loss_sum, correct, len(r.val_y)], dtype=torch.float64, device=r.device)
+    totals = r.process.all_reduce(counts).tolist()
+    return totals[0] / totals[2], totals[1] / totals[2], logits
+
+
+def _average_bn_buffers(r: Run) -> None:
+    """Under torchrun, each rank's BatchNorm running statistics followed its own batches since
+    DDP last broadcast rank 0's; average them (as timm's ``distribute_bn``), so that every
+    rank validates and saves the same model. A no-op alone or with ``--sync-bn``."""
+    if not r.process.distributed:
+        return
+    for name, buf in r.model.named_buffers():
+        if buf.is_floating_point() and ("running_mean" in name or "running_var" in name):
+            r.process.all_reduce(buf).div_(r.process.world_size)
+
+
+def _end_epoch(
+    r: Run, state: checkpoint.RunState, board: Board, seconds: float, seen0: float
+) -> None:
+    """Validate, append the metrics row, save ``last`` (and ``best`` if it improved)."""
+    process = r.process
+    _average_bn_buffers(r)
+    sums = process.all_reduce(
+        torch.stack(
+            [
+                torch.as_tensor(state.sums[k], dtype=torch.float64, device=r.device)
+                for k in ("loss", "correct", "seen")
+            ]
+        )
+    ).tolist()
+    seen_here = (state.sums["seen"] - seen0) * process.world_size
+    row = {
+        "epoch": state.epoch + 1,
+        "step": state.step,
+        "train_loss": sums[0] / max(sums[2], 1),
+        "train_acc": sums[1] / max(sums[2], 1),
+        "val_loss": None,
+        "val_acc": None,
+        "lr": r.scheduler.get_last_lr()[-1],
+        "seconds": round(seconds, 2),
+        "img_per_s": round(seen_here / seconds, 1),
+        "frozen_backbone": r.frozen,
+    }
+    row["val_loss"], row["val_acc"], val_logits = _validate(r)
+    if val_logits is not None and process.is_main and len(r.val_y):
+        board.predictions(state.step, r.val_x, val_logits, r.val_y, r.meta["classes"])
+    board.epoch(row)
+    improved = row["val_acc"] is not None and (
+        state.best_val_acc is None or row["val_acc"] > state.best_val_acc
+    )
+    if improved:
+        state.best_val_acc = row["val_acc"]
+    state.next_epoch()
+    if process.is_main:
+        with open(r.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        r.saver.save_last(r.model, r.optimizer, r.scheduler, r.scaler, state)
+        if improved:
+            r.saver.save_best(r.model, row)
+    val_text = (
+        f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%"
+        if row["val_acc"] is not None
+        else "no val split"
+    )
+    log.info(
+        "epoch %d/%d  train loss %.4f acc %.2f%%  %s  %.0f img/s  %.1f s%s",
+        state.epoch,
+        r.cfg.train.epochs,
+        row["train_loss"],
+        100 * row["train_acc"],
+        val_text,
+        row["img_per_s"],
+        seconds,
+        "  (best)" if improved else "",
+    )
+
+
+def _final_evaluation(r: Run) -> evaluate.EvalReport:
+    """The test report of ``best`` (else ``last``), with the model and data already in memory:
+    only the best epoch's weights are read back (from the copy kept when it was saved)."""
+    best = r.saver.best if r.saver.best.exists() else None
+    if best is not None:
+        state = r.saver.best_state or checkpoint.load(best)["model"]
+        r.model.load_state_dict(state)
+    return evaluate.evaluate_model(
+        r.model,
+        list(r.meta["classes"]),
+        r.arrays.test_x,
+        r.arrays.test_y,
+        out_dir=ensure_writable_dir(r.out / "eval"),
+        source=best or r.saver.last,
+        device=r.device,
+        amp_dtype=r.amp_dtype,
+        batch_size=r.cfg.train.eval_batch_size,
+    )
 
 
 # --------------------------------------------------------------------------- the command
@@ -212,336 +631,91 @@ def run(
     """Train as ``cfg`` says; returns where the checkpoints are and the final test report.
 
     ``stop_after_steps`` stops (and saves ``last``) exactly as Ctrl-C does, after that many
-    optimizer steps in total: the tests use it to interrupt a run deterministically.
+    optimizer steps in total: the tests use it to interrupt a run deterministically. Under
+    torchrun the process group is set up from the environment and closed at the end.
     """
-    # ---- device, config, run folder
-    process = process or Process.from_env()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    cfg = resolve(cfg, device.type)
-    amp_dtype = pick_precision(cfg.train.precision, device)
-    t, o, a = cfg.train, cfg.optim, cfg.augment
-    out = Path(t.out) if t.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    # The folder is part of the saved config, so the printed "--resume --out RUN" matches it.
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, out=str(out)))
-    t = cfg.train
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    saved = None
-    if resume:
-        saved = checkpoint.load(last_path) if last_path.exists() else None
-        if saved is None:
-            raise UserError(f"--resume: no {last_path}; pass --out to the run folder to resume")
-        for key in check_resume_config(saved["config"], cfg):
-            log.info("resume: %s changed from the saved run", key)
+    own = process is None
+    process = process or Process.from_env(pick_device(cfg.train.device).type)
+    try:
+        return _run(cfg, resume, final_eval, stop_after_steps, process)
+    finally:
+        if own:
+            process.close()
+
+
+def _run(
+    cfg: Config, resume: bool, final_eval: bool, stop_after: int | None, process: Process
+) -> TrainResult:
+    cfg, out, saved = _setup(cfg, resume, process)
+    if saved is not None and saved["train_state"]["epoch"] >= cfg.train.epochs:
         done = saved["train_state"]["epoch"]
-        if done >= t.epochs:
-            log.info("%s finished all %d epochs; nothing to do", out, done)
-            best = best_path if best_path.exists() else None
-            return TrainResult(
-                out, last_path, best, saved["train_state"]["best_val_acc"], done, False, None, True
-            )
-    elif last_path.exists():
-        raise UserError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
-    torch.manual_seed(t.seed)
-
-    # ---- data folder checked, then the model: without a network the weights fail in
-    # seconds, before any data download. The run folder is created only once both are in
-    # hand, so a failed start leaves no folder behind.
-    root = data.resolve_data_dir(cfg.data.data_dir)
-    data.check_download_target(root, explicit=cfg.data.data_dir is not None)
-    model = model_lib.build(cfg.model.weights, cfg.model.image_size, progress=t.progress)
-
-    # ---- data: uint8 tensors on the training device
-    if not data.is_present(root) and cfg.data.download and process.is_main:
-        data.download(root, progress=t.progress)
-    arrays = data.load(root)
-    train_idx, val_idx = data.stratified_split(arrays.train_y, cfg.data.val_size, t.seed)
-    if cfg.data.subset is not None:
-        train_idx = train_idx[: cfg.data.subset]
-    train_x = arrays.train_x[train_idx].to(device)  # uint8 [N,3,32,32]
-    train_y = arrays.train_y[train_idx].to(device)
-    val_x, val_y = arrays.train_x[val_idx], arrays.train_y[val_idx]
-    steps_per_epoch = data.steps_per_epoch(len(train_x), t.batch_size, process.world_size)
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"{len(train_x)} training images make no full batch of {t.batch_size}; "
-            "lower --batch-size or raise --subset"
-        )
-    total_steps = steps_per_epoch * t.epochs
-    if process.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out)  # a save that was SIGKILLed leaves its temporary file
-        write_json(out / "config.json", cfg.to_dict())
-
-    # ---- optimizer, schedule
-    pretrained = cfg.model.weights != "none"
-    model = model.to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    backbone_lr = o.lr * (o.backbone_lr_scale if pretrained else 1.0)
-    groups = param_groups(model, o.lr, backbone_lr, o.weight_decay)
-    if t.strategy == "linear":
-        groups = [g for g in groups if g["name"].startswith("head")]
-    optimizer = make_optimizer(groups, o.optimizer, o.momentum)
-    warmup_steps = int(o.warmup * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(o.schedule, total_steps, warmup_steps)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    meta = model_lib.model_meta(cfg.model.weights, cfg.model.image_size)
-    forward = torch.compile(model) if t.compile else model
-
-    # ---- position (and state) to start from
-    epoch, batch, step, best_val_acc = 0, 0, 0, None
-    sums = {"loss": 0.0, "correct": 0.0, "seen": 0.0}
-    if saved is not None:
-        model.load_state_dict(saved["model"])
+        log.info("%s finished all %d epochs; nothing to do", out, done)
+        best = out / "best.pt" if (out / "best.pt").exists() else None
         ts = saved["train_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        scaler.load_state_dict(ts["scaler"])
-        torch.set_rng_state(ts["rng"]["torch"])
-        if device.type == "cuda" and ts["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
-        epoch, batch, step = ts["epoch"], ts["batch"], ts["step"]
-        best_val_acc, sums = ts["best_val_acc"], dict(ts["epoch_sums"])
-        log.info("resuming %s at epoch %d, batch %d (step %d)", out, epoch + 1, batch, step)
-        if process.is_main:
-            _truncate_metrics(out / "metrics.jsonl", epoch)
-
-    def save_best(row: dict[str, Any]) -> None:
-        """The model alone (no optimizer state: a third of the size with AdamW), for
-        evaluate/predict/export/serve; ``metrics`` says which epoch it is and how it scored."""
-        if process.is_main:
-            checkpoint.save(
-                best_path,
-                {
-                    "model_meta": meta,
-                    "model": model.state_dict(),
-                    "config": cfg.to_dict(),
-                    "metrics": row,
-                },
-            )
-
-    def save(path: Path, at_epoch: int, at_batch: int) -> None:
-        """Everything ``--resume`` needs to continue exactly from this step."""
-        if not process.is_main:
-            return
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint.save(
-            path,
-            {
-                "model_meta": meta,
-                "model": model.state_dict(),
-                "config": cfg.to_dict(),
-                "train_state": {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng,
-                    "epoch": at_epoch,
-                    "batch": at_batch,
-                    "step": step,
-                    "best_val_acc": best_val_acc,
-                    "epoch_sums": dict(sums),
-                },
-            },
+        return TrainResult(out, out / "last.pt", best, ts["best_val_acc"], done, False, None, True)
+    r = _build(cfg, out, process)
+    state = checkpoint.RunState()
+    if saved is not None:
+        state = r.saver.restore(saved, r.model, r.optimizer, r.scheduler, r.scaler)
+        log.info(
+            "resuming %s at epoch %d, batch %d (step %d)",
+            out,
+            state.epoch + 1,
+            state.batch,
+            state.step,
         )
-
+        if process.is_main:
+            _truncate_metrics(out / "metrics.jsonl", state.epoch)
+    t = cfg.train
     log.info(
-        "training %s on %s (%s), %d px, strategy %s, %d epochs × %d steps, batch %d, "
-        "weights %s, %d train / %d val images → %s",
-        "resnet50",
-        device,
-        str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        "training resnet50 on %s (%s), %d px, strategy %s, %d epochs × %d steps, batch %d × %d "
+        "process(es) = %d, weights %s, %d train / %d val images → %s",
+        r.device,
+        str(r.amp_dtype).replace("torch.", "") if r.amp_dtype else "fp32",
         cfg.model.image_size,
         t.strategy,
         t.epochs,
-        steps_per_epoch,
+        r.steps_per_epoch,
         t.batch_size,
-        meta["weights"],
-        len(train_x),
-        len(val_x),
+        process.world_size,
+        t.batch_size * process.world_size,
+        r.meta["weights"],
+        len(r.train_x),
+        len(r.val_x) * process.world_size,
         out,
     )
-
-    # ---- the loop
-    from tqdm import tqdm
-
-    stopped = False
     board = Board(
-        out / "tensorboard" if t.tensorboard and process.is_main else None, start_step=step
+        out / "tensorboard" if t.tensorboard and process.is_main else None, start_step=state.step
     )
-    with StopFlag() as stop:
-        while epoch < t.epochs and not stopped:
-            frozen = frozen_at(t.strategy, epoch, t.freeze_epochs)
-            set_backbone_frozen(model, frozen)
-            set_train_mode(model, frozen)
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=batch,
-                desc=f"epoch {epoch + 1}/{t.epochs}",
-                unit="step",
-                disable=not (t.progress and process.is_main),
-                leave=False,
-            )
-            t0, seen0, pending, pending_from = time.perf_counter(), sums["seen"], [], step
-            for i, xb, yb in data.train_batches(
-                train_x,
-                train_y,
-                batch_size=t.batch_size,
-                seed=t.seed,
-                epoch=epoch,
-                start=batch,
-                padding=a.crop_padding,
-                flip=a.flip,
-                rank=process.rank,
-                world_size=process.world_size,
-            ):
-                target = yb
-                if a.mixup > 0 or a.cutmix > 0:
-                    mix_gen = torch.Generator(device=device).manual_seed(
-                        data.batch_seed(t.seed, epoch, i) + 1
+    stopped = False
+    try:
+        with StopFlag() as stop:
+            while state.epoch < t.epochs and not stopped:
+                t0, seen0 = time.perf_counter(), float(state.sums["seen"])
+                stopped = _train_epoch(r, state, stop, board, stop_after)
+                if stopped:
+                    log.warning(
+                        "stopped at epoch %d, batch %d; '--resume --out %s' continues",
+                        state.epoch + 1,
+                        state.batch,
+                        out,
                     )
-                    xb, target = data.mix_batch(
-                        xb,
-                        yb,
-                        meta["num_classes"],
-                        data.batch_seed(t.seed, epoch, i),
-                        mix_gen,
-                        a.mixup,
-                        a.cutmix,
-                    )
-                if t.channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                with autocast(device, amp_dtype):
-                    logits = forward(xb)  # uint8 [B,3,32,32] → float [B,10]
-                loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if o.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step, batch = step + 1, i + 1
-                # Running sums stay on the device: no host sync per step.
-                pending.append(loss.detach())
-                sums["loss"] += loss.detach() * len(yb)
-                sums["correct"] += (logits.detach().argmax(1) == yb).sum()
-                sums["seen"] += len(yb)
-                bar.update(1)
-                must_stop = stop.requested or (
-                    stop_after_steps is not None and step >= stop_after_steps
-                )
-                if step % LOG_EVERY == 0 or must_stop or batch == steps_per_epoch:
-                    _check_finite(pending, pending_from, steps_per_epoch)
-                    window_loss = float(torch.stack(pending).float().mean())
-                    pending, pending_from = [], step
-                    rate = (sums["seen"] - seen0) * process.world_size / (time.perf_counter() - t0)
-                    bar.set_postfix(
-                        loss=f"{float(sums['loss']) / sums['seen']:.3f}", img_s=f"{rate:.0f}"
-                    )
-                    board.step(step, window_loss, scheduler.get_last_lr()[-1], rate)
-                if must_stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                    sums = {k: float(v) for k, v in sums.items()}
-                    save(last_path, epoch, batch)
-                if must_stop:
-                    stopped = True
                     break
-            bar.close()
-            if stopped:
-                log.warning(
-                    "stopped at epoch %d, batch %d; '--resume --out %s' continues",
-                    epoch + 1,
-                    batch,
-                    out,
-                )
-                break
-
-            # ---- end of epoch: validate, log, save
-            seconds = time.perf_counter() - t0
-            row = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": float(sums["loss"]) / max(sums["seen"], 1),
-                "train_acc": float(sums["correct"]) / max(sums["seen"], 1),
-                "val_loss": None,
-                "val_acc": None,
-                "lr": scheduler.get_last_lr()[-1],
-                "seconds": round(seconds, 2),
-                "img_per_s": round((sums["seen"] - seen0) * process.world_size / seconds, 1),
-                "frozen_backbone": frozen,
-            }
-            if len(val_x):
-                val_logits = evaluate.predict_logits(
-                    model,
-                    val_x,
-                    batch_size=t.eval_batch_size,
-                    device=device,
-                    amp_dtype=amp_dtype,
-                    channels_last=t.channels_last,
-                )
-                vm = evaluate.metrics(val_logits, val_y, meta["num_classes"])
-                row["val_loss"], row["val_acc"] = vm["loss"], vm["accuracy"]
-                board.predictions(step, val_x, val_logits, val_y, meta["classes"])
-            board.epoch(row)
-            epoch, batch = epoch + 1, 0
-            sums = {"loss": 0.0, "correct": 0.0, "seen": 0.0}
-            improved = row["val_acc"] is not None and (
-                best_val_acc is None or row["val_acc"] > best_val_acc
-            )
-            if improved:
-                best_val_acc = row["val_acc"]
-            if process.is_main:
-                with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-                save(last_path, epoch, 0)
-                if improved:
-                    save_best(row)
-            val_text = (
-                f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%"
-                if row["val_acc"] is not None
-                else "no val split"
-            )
-            log.info(
-                "epoch %d/%d  train loss %.4f acc %.2f%%  %s  %.0f img/s  %.1f s%s",
-                epoch,
-                t.epochs,
-                row["train_loss"],
-                100 * row["train_acc"],
-                val_text,
-                row["img_per_s"],
-                seconds,
-                "  (best)" if improved else "",
-            )
-
-    board.close()
-
-    # ---- wrap up: final test figure on the best (else last) checkpoint, then the curves
-    best = best_path if best_path.exists() else None
+                _end_epoch(r, state, board, time.perf_counter() - t0, seen0)
+    finally:
+        board.close()
     report = None
     if final_eval and not stopped and process.is_main:
-        report = evaluate.run(
-            best or last_path,
-            data_dir=root,
-            out_dir=out / "eval",
-            device=str(device.type),
-            precision=t.precision,
-            batch_size=t.eval_batch_size,
-        )
+        report = _final_evaluation(r)
     rows = _read_metrics(out / "metrics.jsonl")
     if process.is_main and rows:
         from .plots import training_curves
 
         training_curves(rows, out / "curves.png", _curves_title(out, rows, report))
-    return TrainResult(out, last_path, best, best_val_acc, epoch, stopped, report)
+    best = r.saver.best if r.saver.best.exists() else None
+    return TrainResult(out, r.saver.last, best, state.best_val_acc, state.epoch, stopped, report)
 
 
 def _curves_title(out: Path, rows: list[dict[str, Any]], report: Any) -> str:
