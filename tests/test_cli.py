@@ -256,3 +256,16 @@ def test_serve_on_a_busy_port_is_a_one_line_error(tiny_checkpoint, capsys):
         assert main(["serve", str(tiny_checkpoint), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"error: cannot listen on 127.0.0.1:{port}" in err and "--port" in err, err
+
+
+def test_serve_flags_come_from_serve_config_with_their_ranges():
+    from cifar10_resnet50 import cli
+    from cifar10_resnet50.config import ServeConfig, serve_flags
+
+    args = cli.parse_args(["serve", "m.pt", "--max-body-mb", "2", "--decode-workers", "3"])
+    settings = ServeConfig(**{key: getattr(args, key) for _, key, _ in serve_flags()})
+    assert settings.max_body_bytes == 2 * 2**20 and settings.decode_workers == 3
+    assert settings.max_header_bytes == ServeConfig().max_header_kb * 1024
+    for bad in (["--timeout", "0"], ["--max-batch", "0"], ["--max-wait-ms", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["serve", "m.pt", *bad])

@@ -12,7 +12,7 @@ from cifar10_resnet50.config import ServeConfig
 from cifar10_resnet50.serve import ApiError, MicroBatcher
 from corpus import corpus
 
-SETTINGS = ServeConfig(max_body_bytes=1024 * 1024)
+SETTINGS = ServeConfig(max_body_mb=1)
 
 
 def wait_ready(client, seconds=60):

@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from . import __version__
-from .config import PRECISIONS, Config, ServeConfig, train_flags
+from .config import PRECISIONS, Config, ServeConfig, serve_flags, train_flags
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, UserError, first_line
 
 S = argparse.SUPPRESS  # only flags the user gives reach the config; defaults live in config.py
@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _data_parsers(sub)
+    _train_parsers(sub)
+    _evaluate_parser(sub)
+    _predict_parser(sub)
+    _export_parser(sub)
+    _serve_parser(sub)
+    return p
+
+
+def _data_parsers(sub: Any) -> None:
     d = sub.add_parser(
         "data",
         help="download, verify or describe CIFAR-10",
@@ -138,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
         _SUBPARSERS[f"data {name}"] = a
 
+
+def _train_parsers(sub: Any) -> None:
     t = _SUBPARSERS["train"] = sub.add_parser(
         "train",
         help="fine-tune ResNet-50 on CIFAR-10",
@@ -175,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     lf.add_argument("--end-lr", type=_number(float, 0, above=True), default=10.0, help="default 10")
     _add_train_flags(lf)
 
+
+def _evaluate_parser(sub: Any) -> None:
     e = _SUBPARSERS["evaluate"] = sub.add_parser(
         "evaluate",
         help="test-set accuracy, per-class accuracy, confusion matrix",
@@ -206,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--batch-size", type=POSITIVE_INT, default=500, help="default 500")
 
+
+def _predict_parser(sub: Any) -> None:
     pr = _SUBPARSERS["predict"] = sub.add_parser(
         "predict",
         help="top-k classes for image files, folders or globs",
@@ -236,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_flags(pr)
 
+
+def _export_parser(sub: Any) -> None:
     x = _SUBPARSERS["export"] = sub.add_parser(
         "export",
         help="TorchScript or ONNX export with a parity check",
@@ -277,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8: training images that calibrate activation ranges (default 1000)",
     )
 
+
+def _serve_parser(sub: Any) -> None:
     sv = _SUBPARSERS["serve"] = sub.add_parser(
         "serve",
         help="HTTP API and web page (FastAPI + uvicorn)",
@@ -287,69 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     sv.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="default 8000")
     defaults = ServeConfig()
-    sv.add_argument(
-        "--max-batch",
-        type=POSITIVE_INT,
-        default=defaults.max_batch,
-        help=f"images per model call (default {defaults.max_batch})",
-    )
-    sv.add_argument(
-        "--max-wait-ms",
-        type=_number(float, 0),
-        default=defaults.max_wait_ms,
-        help=f"extra wait for a fuller batch (default {defaults.max_wait_ms:g}: batches form while the model runs)",
-    )
-    sv.add_argument(
-        "--queue-size",
-        type=POSITIVE_INT,
-        default=defaults.queue_images,
-        help=f"images waiting before 503 (default {defaults.queue_images})",
-    )
-    sv.add_argument(
-        "--timeout",
-        type=_number(float, 0, above=True),
-        default=defaults.timeout_s,
-        help=f"seconds per request (upload, decoding, queue, model) before 504 (default {defaults.timeout_s:g})",
-    )
-    sv.add_argument(
-        "--max-body-mb",
-        type=_number(float, 0, above=True),
-        default=defaults.max_body_bytes / 2**20,
-        help=f"request body limit in MiB (default {defaults.max_body_bytes / 2**20:g})",
-    )
-    sv.add_argument(
-        "--max-pixels",
-        type=POSITIVE_INT,
-        default=defaults.max_pixels,
-        help=f"per image, checked from the header (default {defaults.max_pixels:,})",
-    )
-    sv.add_argument(
-        "--max-request-pixels",
-        type=POSITIVE_INT,
-        default=defaults.max_request_pixels,
-        help=f"all images of one request together (default {defaults.max_request_pixels:,})",
-    )
-    sv.add_argument(
-        "--decode-timeout",
-        type=_number(float, 0, above=True),
-        default=defaults.decode_timeout_s,
-        help=f"seconds to decode one image before 422 (default {defaults.decode_timeout_s:g})",
-    )
-    sv.add_argument(
-        "--decode-workers",
-        type=POSITIVE_INT,
-        default=defaults.decode_workers,
-        metavar="N",
-        help="images decoded at once across requests (default: CPU cores)",
-    )
-    sv.add_argument(
-        "--max-header-kb",
-        type=POSITIVE_INT,
-        default=defaults.max_header_bytes // 1024,
-        help=f"request line + headers in KiB before 431 (default {defaults.max_header_bytes // 1024})",
-    )
+    for flag, key, kwargs in serve_flags():
+        low, above = kwargs.pop("low", None), kwargs.pop("above", None)
+        if low is not None or above is not None:
+            bound = above if above is not None else low
+            kwargs["type"] = _number(kwargs["type"], bound, above=above is not None)
+        kwargs.setdefault("metavar", flag[2:].upper().replace("-", "_"))
+        sv.add_argument(flag, dest=key, default=getattr(defaults, key), **kwargs)
     _add_model_flags(sv)
-    return p
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -565,18 +530,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .fileio import require_file
 
     require_file(args.model, "model")
-    settings = ServeConfig(
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-        max_pixels=args.max_pixels,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        queue_images=args.queue_size,
-        timeout_s=args.timeout,
-        max_request_pixels=args.max_request_pixels,
-        decode_timeout_s=args.decode_timeout,
-        decode_workers=args.decode_workers,
-        max_header_bytes=args.max_header_kb * 1024,
-    )
+    settings = ServeConfig(**{key: getattr(args, key) for _, key, _ in serve_flags()})
     serve.run(
         args.model,
         host=args.host,

@@ -210,30 +210,62 @@ MAX_DECODE_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Settings of ``serve``; its flags default to these."""
+    """Settings of ``serve``, each declared with its flag (``serve_flags``). ``low`` / ``above``
+    are the flags' range checks (value ≥ low, or > above)."""
 
-    max_body_bytes: int = MAX_IMAGE_BYTES
-    max_pixels: int = MAX_IMAGE_PIXELS
-    max_files: int = 64  # images in one request
-    max_batch: int = 32  # images in one model call
-    # Extra wait for a fuller batch. 0 (greedy) measured best here: with 5 ms, throughput at
-    # concurrency 1 halved, and under load batches fill while the model runs anyway.
-    max_wait_ms: float = 0.0
-    queue_images: int = 256  # images waiting; beyond this: 503 + Retry-After
-    # Per request, from the first byte read to the answer: reading, decoding, queueing and
-    # inference. Beyond this: 504, and the request's remaining work is dropped.
-    timeout_s: float = 30.0
-    top_k: int = 5
-    decode_timeout_s: float = MAX_DECODE_SECONDS  # per image; beyond this: 422 too_slow
-    # Images decoded at once across all requests (each thread may hold a 50 MP image, 150 MB);
-    # None → the number of CPU cores.
-    decode_workers: int | None = None
+    max_body_mb: float = setting(
+        MAX_IMAGE_BYTES / 2**20, "--max-body-mb", "request body limit in MiB", above=0
+    )
+    max_pixels: int = setting(
+        MAX_IMAGE_PIXELS, "--max-pixels", "per image, checked from the header", low=1
+    )
     # Sum of header pixels of one request's images; beyond this: 413 before any decoding
     # (32 near-limit images in one request took 2.3 GB and 59 s before this bound).
-    max_request_pixels: int = 2 * MAX_IMAGE_PIXELS
-    # Request line + headers; beyond this: 431 and the connection is closed (uvicorn's
-    # httptools parser has no limit of its own: a 64 MiB header was accepted).
-    max_header_bytes: int = 64 * 1024
+    max_request_pixels: int = setting(
+        2 * MAX_IMAGE_PIXELS, "--max-request-pixels", "all images of one request together", low=1
+    )
+    max_files: int = 64  # images in one request
+    max_batch: int = setting(32, "--max-batch", "images per model call", low=1)
+    # 0 (greedy) measured best here: with 5 ms, throughput at concurrency 1 halved, and under
+    # load batches fill while the model runs anyway.
+    max_wait_ms: float = setting(
+        0.0,
+        "--max-wait-ms",
+        "extra wait for a fuller batch (0: batches form while the model runs)",
+        low=0,
+    )
+    queue_images: int = setting(256, "--queue-size", "images waiting before 503", low=1)
+    # From the first byte read to the answer; beyond it the request's remaining work is dropped.
+    timeout_s: float = setting(
+        30.0,
+        "--timeout",
+        "seconds per request (upload, decoding, queue, model) before 504",
+        above=0,
+    )
+    top_k: int = 5
+    decode_timeout_s: float = setting(
+        MAX_DECODE_SECONDS, "--decode-timeout", "seconds to decode one image before 422", above=0
+    )
+    # Each decoding thread may hold a 50 MP image (150 MB).
+    decode_workers: int | None = setting(
+        None,
+        "--decode-workers",
+        "images decoded at once across requests (default: the CPU cores)",
+        low=1,
+        metavar="N",
+    )
+    # uvicorn's httptools parser has no limit of its own: a 64 MiB header was accepted.
+    max_header_kb: int = setting(
+        64, "--max-header-kb", "request line + headers in KiB before 431", low=1
+    )
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    @property
+    def max_header_bytes(self) -> int:
+        return self.max_header_kb * 1024
 
 
 @dataclass(frozen=True)
@@ -336,31 +368,47 @@ def override(cfg: Config, dotted: dict[str, Any]) -> Config:
     return from_dict(nested, cfg)
 
 
-def train_flags() -> list[tuple[str, str, dict[str, Any]]]:
-    """(flag, dotted key, argparse keywords) of every setting that has a flag, from the
-    dataclasses above: the one declaration of flags, help texts and defaults."""
-    flags = []
-    for section, kind in _SECTION_TYPES.items():
-        defaults = kind()
-        for f in dataclasses.fields(kind):
-            extra = dict(f.metadata)
-            flag, text = extra.pop("flag", None), extra.pop("help", "")
-            if not flag:
-                continue
-            default = getattr(defaults, f.name)
-            if isinstance(default, bool):
-                kwargs = {"action": "store_false" if default else "store_true", "help": text}
-            else:
-                if default is not None and "default" not in text:
-                    text += f" (default {default})"
-                kwargs = {"help": text, **extra}
-                if "choices" not in extra:
-                    annotation = str(f.type)
-                    kwargs["type"] = (
-                        int if "int" in annotation else (float if "float" in annotation else str)
-                    )
-            flags.append((flag, f"{section}.{f.name}", kwargs))
+def _show(value: Any) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _flags(kind: type, prefix: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(flag, key, argparse keywords) of each field of ``kind`` declared with a flag."""
+    defaults, flags = kind(), []
+    for f in dataclasses.fields(kind):
+        extra = dict(f.metadata)
+        flag, text = extra.pop("flag", None), extra.pop("help", "")
+        if not flag:
+            continue
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            kwargs = {"action": "store_false" if default else "store_true", "help": text}
+        else:
+            if default is not None and "default" not in text:
+                text += f" (default {_show(default)})"
+            kwargs = {"help": text, **extra}
+            if "choices" not in extra:
+                annotation = str(f.type)
+                kwargs["type"] = (
+                    int if "int" in annotation else (float if "float" in annotation else str)
+                )
+        flags.append((flag, f"{prefix}{f.name}", kwargs))
     return flags
+
+
+def train_flags() -> list[tuple[str, str, dict[str, Any]]]:
+    """(flag, dotted key, argparse keywords) of every training setting that has a flag: the
+    one declaration of flags, help texts and defaults."""
+    return [
+        flag for section, kind in _SECTION_TYPES.items() for flag in _flags(kind, f"{section}.")
+    ]
+
+
+def serve_flags() -> list[tuple[str, str, dict[str, Any]]]:
+    """The same for ``serve`` (keys are ServeConfig's field names; ``low``/``above`` range)."""
+    return _flags(ServeConfig, "")
 
 
 def field_keys() -> dict[str, str]:
