@@ -127,4 +127,4 @@ def test_compile_auto_pays_only_for_long_runs():
     # H100 figures: 512 images in 0.069 s eager; 10 epochs of 88 steps leave ~880 steps.
     assert not compile_pays("cuda", 0.069, 880)  # saves ~18 s < 65 s of compiling
     assert compile_pays("cuda", 0.069, 5000)  # a 60-epoch run repays it
-    assert not compile_pays("cpu", 0.1, 8)  # the tests' tiny runs never compile
+    assert not compile_pays("cpu", 0.5, 10**6)  # no measured gain on CPUs: auto never compiles
