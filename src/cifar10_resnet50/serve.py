@@ -331,33 +331,56 @@ PREDICT_DOC = (
 )
 
 
+class _Model:
+    """The app's model and its batcher once loaded (in the background), or why not."""
+
+    def __init__(self, load_predictor: Callable[[], Predictor], settings: ServeConfig, observe):
+        self.load_predictor, self.settings, self.observe = load_predictor, settings, observe
+        self.predictor: Predictor | None = None
+        self.batcher: MicroBatcher | None = None
+        self.error: str | None = None
+        self.decoder: Decoder | None = None
+
+    async def load(self) -> None:
+        try:
+            predictor = await asyncio.to_thread(self.load_predictor)
+            batcher = MicroBatcher(predictor.probabilities, self.settings, self.observe)
+            batcher.start()
+            self.predictor, self.batcher = predictor, batcher
+            log.info("model ready: %s (%s)", predictor.path, predictor.backend)
+        except Exception as e:
+            self.error = first_line(e)
+            log.error("model failed to load: %s", self.error)
+
+    def ready(self) -> tuple[Predictor, MicroBatcher]:
+        if self.batcher is None or self.predictor is None:
+            reason = self.error and f"model failed to load: {self.error}"
+            raise ApiError(
+                503, "not_ready", reason or "model is still loading", {"Retry-After": "2"}
+            )
+        return self.predictor, self.batcher
+
+    async def stop(self) -> None:
+        if self.decoder:
+            self.decoder.stop()
+        if self.batcher:
+            await self.batcher.stop()
+
+
 def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | None = None):
     """The ASGI app. The model loads in the background: /readyz is 503 until it is ready,
     and says why if it failed (a damaged model file is refused at load, never a 500 later)."""
     settings = settings or ServeConfig()
     registry, m = _metrics()
-    state: dict[str, Any] = {"predictor": None, "batcher": None, "error": None}
-
-    async def load() -> None:
-        try:
-            predictor = await asyncio.to_thread(load_predictor)
-            batcher = MicroBatcher(predictor.probabilities, settings, m["batch"].observe)
-            batcher.start()
-            state["predictor"], state["batcher"] = predictor, batcher
-            log.info("model ready: %s (%s)", predictor.path, predictor.backend)
-        except Exception as e:
-            state["error"] = first_line(e)
-            log.error("model failed to load: %s", state["error"])
+    model = _Model(load_predictor, settings, m["batch"].observe)
 
     @asynccontextmanager
     async def lifespan(app):
-        loader = asyncio.create_task(load())
-        decoder = state["decoder"] = Decoder(settings)
+        model.decoder = Decoder(settings)  # its semaphore belongs to the server's event loop
+        loader = asyncio.create_task(model.load())
         yield
         loader.cancel()
-        decoder.stop()
-        if state["batcher"]:
-            await state["batcher"].stop()
+        await model.stop()
 
     app = FastAPI(
         title="cifar10-resnet50",
@@ -368,25 +391,17 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
     app.add_middleware(_Observe, requests=m["requests"], latency=m["latency"])
     _install_error_handlers(app)
 
-    def ready() -> tuple[Predictor, MicroBatcher]:
-        if state["batcher"] is None:
-            reason = state["error"] and f"model failed to load: {state['error']}"
-            raise ApiError(
-                503, "not_ready", reason or "model is still loading", {"Retry-After": "2"}
-            )
-        return state["predictor"], state["batcher"]
-
     @app.post(
         "/predict", summary="Top-k classes for one or several images", description=PREDICT_DOC
     )
     async def predict(request: Request, top_k: int | None = Query(None, ge=1)):
-        predictor, batcher = ready()
+        predictor, batcher = model.ready()
         deadline = Deadline(settings.timeout_s)
         try:
             files = await asyncio.wait_for(_uploads(request, settings), deadline.left())
         except TimeoutError:
             raise _timeout(settings, "reading the upload") from None
-        decoded = await state["decoder"].decode(files, deadline)
+        decoded = await model.decoder.decode(files, deadline)
         probs = await batcher.submit(np.stack([d.pixels for d in decoded]), deadline)
         m["images"].inc(len(decoded))
         k = settings.top_k if top_k is None else top_k
@@ -399,7 +414,7 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
 
     @app.get("/readyz", summary="Readiness: the model is loaded (else 503 and why)")
     async def readyz():
-        p, _ = ready()
+        p, _ = model.ready()
         return {
             "status": "ready",
             "backend": p.backend,
@@ -410,12 +425,11 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
 
     @app.get("/labels", summary="Class names, in output order")
     async def labels():
-        return {"labels": ready()[0].classes}
+        return {"labels": model.ready()[0].classes}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics():
-        batcher = state["batcher"]
-        m["queue"].set(batcher.waiting if batcher else 0)
+        m["queue"].set(model.batcher.waiting if model.batcher else 0)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
