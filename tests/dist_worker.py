@@ -32,9 +32,15 @@ def main() -> None:
     losses: list[float] = []
     original_step = train._train_step
 
+    nan_at = None  # --nan-at STEP: this rank's loss becomes NaN at that step (rank 1 only)
+    if "--nan-at" in sys.argv and rank == 1:
+        nan_at = int(sys.argv[sys.argv.index("--nan-at") + 1])
+
     def recording_step(r, forward, xb, target):
         loss, logits = original_step(r, forward, xb, target)
         losses.append(float(loss))
+        if nan_at is not None and len(losses) == nan_at:
+            loss = loss * float("nan")
         return loss, logits
 
     original_end = train._end_epoch
@@ -67,7 +73,11 @@ def main() -> None:
             "train.out": str(out),
         },
     )
-    train.run(cfg, final_eval=False, stop_after_steps=stop_after)
+    try:
+        train.run(cfg, final_eval=False, stop_after_steps=stop_after)
+    except Exception as e:  # what the CLI would print, as one line
+        print(f"rank {rank} error: {e}", file=sys.stderr)
+        sys.exit(2)
     (out.parent / f"{out.name}.rank{rank}.losses.json").write_text(json.dumps(losses))
 
 

@@ -144,6 +144,15 @@ def test_ctrl_c_to_the_launcher_saves_and_resume_matches_an_uninterrupted_run(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_without_saving(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    done = _run(torchrun(WORKER, str(out), str(synthetic_root), "16", "--nan-at", "2"))
+    assert done.returncode != 0
+    assert "rank 1 error: loss became nan at step 2" in done.stderr
+    assert "rank 0 error: another process's loss became NaN/inf" in done.stderr
+    assert not (out / "last.pt").exists()  # nothing saved from a diverged state
+
+
 def test_resume_with_another_process_count_is_refused(synthetic_root, tmp_path):
     out = tmp_path / "run"
     done = _run(torchrun(WORKER, str(out), str(synthetic_root), "16", "--stop-after", "1"))
