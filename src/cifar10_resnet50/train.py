@@ -259,6 +259,8 @@ class Run:
     scaler: torch.amp.GradScaler
     saver: checkpoint.Saver
     arrays: data.Arrays  # CPU copy, for the final test evaluation
+    train_idx: torch.Tensor  # indices into arrays.train_x of the training split
+    val_idx: torch.Tensor  # ... and of the validation split
     train_x: torch.Tensor  # uint8 [N,3,32,32] on the device
     train_y: torch.Tensor
     val_x: torch.Tensor  # this process's shard of the validation split (CPU)
@@ -313,7 +315,7 @@ def _build(cfg: Config, out: Path, process: Process) -> Run:
     if cfg.data.subset is not None:
         train_idx = train_idx[: cfg.data.subset]
     steps = data.steps_per_epoch(len(train_idx), t.batch_size, process.world_size)
-    if steps == 0:
+    if steps == 0 and t.strategy != "linear":  # the probe fits on all images at once
         raise UserError(
             f"{len(train_idx)} training images make no full batch of {t.batch_size} × "
             f"{process.world_size} process(es); lower --batch-size or raise --subset"
@@ -354,6 +356,8 @@ def _build(cfg: Config, out: Path, process: Process) -> Run:
             out, meta, cfg.to_dict(), is_main=process.is_main, world_size=process.world_size
         ),
         arrays=arrays,
+        train_idx=train_idx,
+        val_idx=val_idx,
         train_x=arrays.train_x[train_idx].to(device),
         train_y=arrays.train_y[train_idx].to(device),
         val_x=arrays.train_x[shard],
@@ -599,6 +603,80 @@ def _end_epoch(
     )
 
 
+def _linear_probe(r: Run, state: checkpoint.RunState, final_eval: bool) -> TrainResult:
+    """``--strategy linear``: cached backbone features, then the head fitted on them (see
+    ``probe``); the result is a normal run folder whose checkpoints hold the whole model."""
+    from . import probe
+
+    if r.process.distributed:
+        raise UserError(
+            "--strategy linear fits the head on cached features in one process (seconds after "
+            "the features); run it without torchrun"
+        )
+    cfg, t0 = r.cfg, time.perf_counter()
+    flip = cfg.augment.flip
+    features = probe.cached_features(
+        r.model,
+        r.arrays,
+        torch.cat([r.train_idx, r.val_idx]),
+        key_parts={
+            "weights": probe.weights_identity(cfg.model.weights, cfg.train.seed),
+            "image_size": cfg.model.image_size,
+            "precision": str(r.amp_dtype),
+        },
+        device=r.device,
+        amp_dtype=r.amp_dtype,
+        batch_size=cfg.train.eval_batch_size,
+        flip=flip,
+    )
+    rows = features.rows(r.train_idx)
+    x, y = features.plain[rows], r.arrays.train_y[r.train_idx]
+    if features.flipped is not None:  # each mirror image is one more training example
+        x, y = torch.cat([x, features.flipped[rows]]), torch.cat([y, y])
+    has_val = len(r.val_idx) > 0
+    head = probe.fit_head(
+        x,
+        y,
+        features.plain[features.rows(r.val_idx)] if has_val else None,
+        r.arrays.train_y[r.val_idx] if has_val else None,
+        r.meta["num_classes"],
+    )
+    with torch.no_grad():
+        r.model.net.fc.weight.copy_(head.weight.to(r.model.net.fc.weight.device))
+        r.model.net.fc.bias.copy_(head.bias.to(r.model.net.fc.bias.device))
+    seconds = time.perf_counter() - t0
+    row = {
+        "epoch": cfg.train.epochs,
+        "step": 0,
+        "train_loss": head.train_loss,
+        "train_acc": head.train_acc,
+        "val_loss": head.val_loss,
+        "val_acc": head.val_acc,
+        "lr": None,
+        "seconds": round(seconds, 2),
+        "img_per_s": round(len(r.train_idx) / seconds, 1),
+        "frozen_backbone": True,
+        "probe": {"l2": head.l2, "features_from_cache": features.cached},
+    }
+    log.info(
+        "linear probe: L2 %.0e, train acc %.2f%%, %s in %.1f s (features %s)",
+        head.l2,
+        100 * head.train_acc,
+        "no val split" if head.val_acc is None else f"val acc {100 * head.val_acc:.2f}%",
+        seconds,
+        "from the cache" if features.cached else "computed and cached",
+    )
+    state.epoch, state.best_val_acc = cfg.train.epochs, head.val_acc
+    with open(r.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    r.saver.save_last(r.model, r.optimizer, r.scheduler, r.scaler, state)
+    if has_val:
+        r.saver.save_best(r.model, row)
+    report = _final_evaluation(r) if final_eval else None
+    best = r.saver.best if r.saver.best.exists() else None
+    return TrainResult(r.out, r.saver.last, best, head.val_acc, state.epoch, False, report)
+
+
 def _final_evaluation(r: Run) -> evaluate.EvalReport:
     """The test report of ``best`` (else ``last``), with the model and data already in memory:
     only the best epoch's weights are read back (from the copy kept when it was saved)."""
@@ -688,6 +766,8 @@ def _run(
         len(r.val_x) * process.world_size,
         out,
     )
+    if t.strategy == "linear":
+        return _linear_probe(r, state, final_eval)
     board = Board(
         out / "tensorboard" if t.tensorboard and process.is_main else None, start_step=state.step
     )
