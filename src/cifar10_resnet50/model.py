@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .config import CLASSES, WEIGHTS
+from .config import CLASSES
 from .errors import UserError, first_line
 from .fileio import file_digest
 
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHT_CHOICES = WEIGHTS  # one list, in config
 # torchvision names its files "<name>-<first 8+ hex digits of the sha256>.pth" and checks it.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
 
