@@ -203,7 +203,7 @@ def _evaluate_parser(sub: Any) -> None:
     e.add_argument(
         "--out",
         metavar="DIR",
-        help="where metrics.json and confusion.{json,png} go (default: CHECKPOINT's folder/eval)",
+        help="where metrics.json, confusion.{json,png} and top_losses.png go (default: CHECKPOINT's folder/eval)",
     )
     e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
     e.add_argument(
