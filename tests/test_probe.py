@@ -39,7 +39,7 @@ def test_features_are_cached_and_reused_only_when_every_key_matches(synthetic_ro
     a, b = checkpoint.load(first.best)["model"], checkpoint.load(again.best)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # same features, same head
     for i, change in enumerate(
-        ({"model.image_size": 40}, {"train.seed": 1}, {"augment.flip": False})
+        ({"model.image_size": 40}, {"train.seed": 1}, {"train.probe_mirrors": True})
     ):
         other = train.run(_cfg(synthetic_root, tmp_path / f"c{i}", **change), final_eval=False)
         assert _row(other.out_dir)["probe"]["features_from_cache"] is False, change
@@ -95,6 +95,15 @@ def test_the_probe_checkpoint_is_a_whole_model_for_predict_and_export(
     assert probs.shape == (4, 10)
     report = export.run(result.best, "onnx", data_dir=synthetic_root, parity_images=50)
     assert report.passed
+    # ...and a fine-tune starts from its backbone (BatchNorm statistics included), head fresh
+    from cifar10_resnet50 import model as M
+
+    tuned = M.build(str(result.best), 32)
+    probe_state = checkpoint.load(result.best)["model"]
+    for k, v in tuned.state_dict().items():
+        if k.startswith("net.") and not k.startswith("net.fc."):
+            assert torch.equal(v, probe_state[k]), k
+    assert not tuned.net.fc.weight.any()
 
 
 def test_the_fitted_head_separates_separable_features():
@@ -102,7 +111,8 @@ def test_the_fitted_head_separates_separable_features():
     centers = torch.randn(3, 2048) * 3
     y = torch.arange(300) % 3
     x = centers[y] + torch.randn(300, 2048)
-    head = probe.fit_head(x[:240], y[:240], x[240:], y[240:], 3)
-    assert head.val_acc == 1.0 and head.train_acc == 1.0
-    logits = x @ head.weight.T + head.bias  # the folded head works on raw features
-    assert (logits.argmax(1) == y).all()
+    for solver in probe.SOLVERS:
+        head = probe.fit_head(x[:240], y[:240], x[240:], y[240:], 3, solver, mirrored_x=x[:240])
+        assert head.val_acc == 1.0 and head.train_acc == 1.0, solver
+        logits = x @ head.weight.T + head.bias  # the folded head works on raw features
+        assert (logits.argmax(1) == y).all(), solver

@@ -46,6 +46,9 @@ def _assert_same_weights(a, b):
         ({}, 5),  # mid-epoch 2
         ({}, 4),  # exactly at the end of epoch 1, before its validation
         ({"train.strategy": "gradual", "augment.mixup": 0.5, "augment.cutmix": 1.0}, 6),
+        # epoch 1 at 32 px, stopped in epoch 2 at 64 px
+        ({"train.progressive": True, "model.image_size": 64}, 5),
+        ({"train.progressive": True, "model.image_size": 64, "train.steps_per_epoch": 3}, 4),
     ],
 )
 def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(
@@ -183,3 +186,32 @@ def test_from_scratch_trains_the_backbone_at_the_head_lr(synthetic_root, tmp_pat
     groups = _state(result.last)["train_state"]["optimizer"]["param_groups"]
     lrs = {g["name"]: g["initial_lr"] for g in groups}
     assert lrs["backbone"] == lrs["head"] == 0.1 * 16 / 128  # the default, scaled to batch 16
+
+
+def test_progressive_resizing_trains_early_epochs_smaller_and_keeps_the_target_size(
+    synthetic_root, tmp_path, monkeypatch
+):
+    sizes = []
+    step = train._train_step
+
+    def spy(r, forward, xb, target):
+        sizes.append(r.model.preprocess.image_size)
+        return step(r, forward, xb, target)
+
+    monkeypatch.setattr(train, "_train_step", spy)
+    changes = {"train.progressive": True, "train.epochs": 4, "model.image_size": 64}
+    result = train.run(tiny(synthetic_root, tmp_path / "r", **changes), final_eval=False)
+    assert sizes == [32] * 4 + [40] * 4 + [48] * 4 + [64] * 4  # progressive_sizes(64, 4)
+    saved = _state(result.last)
+    assert saved["model_meta"]["image_size"] == 64
+    # One schedule across the resolutions: the lr decays smoothly to 0 over all 16 steps.
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0, abs=1e-12)
+
+
+def test_steps_per_epoch_shortens_every_epoch_to_a_fresh_sample(synthetic_root, tmp_path):
+    cfg = tiny(synthetic_root, tmp_path / "r", **{"train.steps_per_epoch": 2, "train.epochs": 3})
+    result = train.run(cfg, final_eval=False)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    assert _state(result.last)["train_state"]["step"] == 6

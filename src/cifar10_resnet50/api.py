@@ -39,12 +39,19 @@ def _config(config: Config | str | Path | None, settings: dict[str, Any]) -> Con
     return config_lib.with_settings(base, settings)
 
 
-def train(config: Config | str | Path | None = None, *, resume: bool = False, **settings: Any):
+def train(
+    config: Config | str | Path | None = None,
+    *,
+    resume: bool = False,
+    started: float | None = None,
+    **settings: Any,
+):
     """Train (or ``resume`` the run in ``out``); returns ``train.TrainResult`` (``.best``,
-    ``.last``, ``.out_dir``, ``.test`` the final test report)."""
+    ``.last``, ``.out_dir``, ``.test`` the final test report). ``started``: the
+    ``time.perf_counter()`` a ``budget`` counts from (default: this call)."""
     from . import train as train_lib
 
-    return train_lib.run(_config(config, settings), resume=resume)
+    return train_lib.run(_config(config, settings), resume=resume, started=started)
 
 
 def lr_find(

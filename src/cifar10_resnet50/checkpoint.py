@@ -145,6 +145,7 @@ class Saver:
         self.is_main, self.world_size = is_main, world_size
         # A CPU copy of the best weights, so the final evaluation needs no file read.
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_row: dict[str, Any] | None = None
 
     def save_last(self, model, optimizer, scheduler, scaler, state: RunState) -> None:
         if not self.is_main:
@@ -178,15 +179,20 @@ class Saver:
             self.best_state = {
                 k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
             }
-            save(
-                self.best,
-                {
-                    "model_meta": self.meta,
-                    "model": model.state_dict(),
-                    "config": self.config,
-                    "metrics": row,
-                },
-            )
+            self.best_row = row
+            self._write_best()
+
+    def _write_best(self) -> None:
+        assert self.best_state is not None and self.best_row is not None
+        blob = {"model_meta": self.meta, "model": self.best_state, "config": self.config}
+        save(self.best, {**blob, "metrics": self.best_row})
+
+    def calibrate(self, temperature: float) -> None:
+        """Store the fitted temperature in the model's metadata and rewrite ``best.pt`` with it
+        (from the copy in memory: the file is never read back)."""
+        self.meta = {**self.meta, "temperature": temperature}
+        if self.is_main and self.best_state is not None:
+            self._write_best()
 
     def restore(self, saved: dict, model, optimizer, scheduler, scaler) -> RunState:
         """Put a loaded ``last.pt`` back into the training objects; return its position."""

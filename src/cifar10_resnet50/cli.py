@@ -99,7 +99,37 @@ def build_parser() -> argparse.ArgumentParser:
     _predict_parser(sub)
     _export_parser(sub)
     _serve_parser(sub)
+    _compare_parser(sub)
     return p
+
+
+def _compare_parser(sub: Any) -> None:
+    c = _SUBPARSERS["compare"] = sub.add_parser(
+        "compare",
+        help="runs or model files side by side: accuracy, corruptions, calibration, size, speed",
+        description="Compare runs, strategies or exports by evidence: test accuracy with 95% "
+        "intervals, CIFAR-10-C accuracy, ECE, file size and CPU inference speed.",
+    )
+    c.add_argument("models", nargs="+", metavar="RUN_OR_MODEL", help="run folders or model files")
+    c.add_argument(
+        "--out",
+        metavar="DIR",
+        default="compare",
+        help="compare.json/.png go here (default compare)",
+    )
+    c.add_argument(
+        "--corruption-images",
+        type=POSITIVE_INT,
+        default=500,
+        metavar="N",
+        help="stratified test images per corrupted set (default 500)",
+    )
+    c.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder holding cifar-10-batches-py/ (else $CIFAR10_DATA_DIR, else the user cache)",
+    )
+    _torchscript_flag(c)
 
 
 def _data_parsers(sub: Any) -> None:
@@ -191,10 +221,15 @@ def _train_parsers(sub: Any) -> None:
 def _evaluate_parser(sub: Any) -> None:
     e = _SUBPARSERS["evaluate"] = sub.add_parser(
         "evaluate",
-        help="test-set accuracy, per-class accuracy, confusion matrix",
-        description="Evaluate a checkpoint on the CIFAR-10 test set.",
+        help="test-set accuracy with intervals, calibration, confusion matrix, corruptions",
+        description="Evaluate a model file (checkpoint, TorchScript or ONNX export) on the "
+        "CIFAR-10 test set; --corruptions adds the CIFAR-10-C sweep.",
     )
-    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint, e.g. runs/X/best.pt")
+    e.add_argument(
+        "checkpoint",
+        metavar="MODEL",
+        help="a checkpoint (runs/X/best.pt) or an export (.onnx, fp32 or int8; .torchscript.pt)",
+    )
     e.add_argument(
         "--data-dir",
         metavar="DIR",
@@ -203,9 +238,23 @@ def _evaluate_parser(sub: Any) -> None:
     e.add_argument(
         "--out",
         metavar="DIR",
-        help="where metrics.json, confusion.{json,png} and top_losses.png go (default: CHECKPOINT's folder/eval)",
+        help="where metrics.json, confusion.{json,png}, top_losses.png, reliability.png (and "
+        "robustness.{json,png}) go (default: MODEL's folder/eval)",
     )
     e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    e.add_argument(
+        "--corruptions",
+        action="store_true",
+        help="also the CIFAR-10-C sweep: 15 corruptions × 5 severities, generated on the fly",
+    )
+    e.add_argument(
+        "--corruption-images",
+        type=POSITIVE_INT,
+        metavar="N",
+        help="stratified test images for the sweep (default: 2000 on a CPU, all 10000 on a GPU)",
+    )
+    e.add_argument("--seed", type=int, default=0, help="corruptions' randomness (default 0)")
+    _torchscript_flag(e)
     e.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -334,6 +383,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=POSITIVE_INT, metavar="N", help="CPU threads (default: all cores)"
     )
+    _torchscript_flag(p)
+
+
+def _torchscript_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-torchscript-code",
         action="store_true",
@@ -417,10 +470,13 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    started = time.perf_counter()  # --budget counts the import of torch too
     cfg = _train_config(args)  # every setting checked before torch is imported (~2 s)
     from . import api
 
-    result = api.train(cfg, resume=args.resume)
+    result = api.train(cfg, resume=args.resume, started=started)
     import os
 
     if int(os.environ.get("RANK", "0") or 0) > 0:  # torchrun: rank 0 prints the results
@@ -465,8 +521,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         precision=args.precision,
         batch_size=args.batch_size,
         tta_flip=args.tta,
+        corruptions=args.corruptions,
+        corruption_images=args.corruption_images,
+        seed=args.seed,
+        allow_code=args.allow_torchscript_code,
     )
     print(report.table())
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import compare
+
+    rows = compare.run(
+        args.models,
+        out=args.out,
+        data_dir=args.data_dir,
+        corruption_images=args.corruption_images,
+        allow_code=args.allow_torchscript_code,
+    )
+    print(compare.table(rows))
+    print(f"\n→ {args.out}/compare.png and compare.json")
     return EXIT_OK
 
 
@@ -563,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         "predict": cmd_predict,
         "export": cmd_export,
         "serve": cmd_serve,
+        "compare": cmd_compare,
     }[args.command]
     try:
         return handler(args)

@@ -660,6 +660,7 @@ def train_batches(
     num_classes: int = 10,
     rank: int = 0,
     world_size: int = 1,
+    steps: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(batch_index, images, labels, targets)`` for one epoch, from batch ``start`` on.
 
@@ -671,9 +672,13 @@ def train_batches(
     order) is augmented and mixed as a whole, with randomness keyed by (seed, epoch, batch),
     and each rank takes its slice: the same images, crops and mixes as one process with the
     global batch, so runs agree whatever the process count (tested).
+
+    ``steps`` ends the epoch early (``--steps-per-epoch``): its batches are then a random
+    sample of the images, a different one each epoch.
     """
     order = epoch_order(len(x), seed, epoch).to(x.device)
-    steps = steps_per_epoch(len(x), batch_size, world_size)
+    full = steps_per_epoch(len(x), batch_size, world_size)
+    steps = full if steps is None else min(steps, full)  # fewer: the epoch's first batches
     global_batch = batch_size * world_size
     for i in range(start, steps):
         idx = order[i * global_batch : (i + 1) * global_batch]

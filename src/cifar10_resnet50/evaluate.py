@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,13 +11,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data
+from . import checkpoint, data, robustness
+from .errors import UserError
 from .fileio import check_not_input, ensure_writable_dir, write_json
 from .runtime import autocast, pick_device, pick_precision
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("metrics.json", "confusion.json", "confusion.png", "top_losses.png")
+OUTPUTS = ("metrics.json", "confusion.json", "confusion.png", "top_losses.png", "reliability.png")
+ROBUSTNESS_OUTPUTS = ("robustness.json", "robustness.png")  # with --corruptions
 
 
 @torch.no_grad()
@@ -50,17 +53,31 @@ def predict_logits(
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
-def metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class)."""
+def metrics(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float = 1.0
+) -> dict[str, Any]:
+    """Loss, accuracy and per-class accuracy with 95 % Wilson intervals, the confusion matrix
+    (rows: true class), and calibration (ECE, NLL, Brier) of the probabilities as served;
+    ``logits`` float [N,C] are the model's output, already divided by its ``temperature``:
+    with one other than 1, the scores before scaling are reported too."""
+    from .calibration import scores, wilson
+
     labels = labels.cpu()
     pred = logits.argmax(1)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
+    right, total = confusion.diag(), confusion.sum(1)
+    per_class = right.double() / total.clamp(min=1).double()
+    calibration: dict[str, Any] = {"temperature": temperature, **scores(logits, labels)}
+    if temperature != 1.0:
+        calibration["before_scaling"] = scores(logits * temperature, labels)
     return {
         "loss": float(F.cross_entropy(logits, labels)),
         "accuracy": float((pred == labels).double().mean()),
+        "accuracy_ci95": wilson(int((pred == labels).sum()), len(labels)),
         "per_class_accuracy": per_class.tolist(),
+        "per_class_ci95": [wilson(int(r), int(n)) for r, n in zip(right, total, strict=True)],
+        "calibration": calibration,
         "confusion": confusion.tolist(),
         "count": len(labels),
     }
@@ -74,21 +91,26 @@ class EvalReport:
     classes: list[str]
     tta: bool
     precision: str = "fp32"
+    robustness: dict[str, Any] | None = None  # the corruption sweep, when asked for
 
     def table(self) -> str:
         m = self.metrics
-        note = "" if self.precision == "fp32" else " (export's parity check runs fp32: ±0.1 point)"
+        autocast = self.precision in ("bfloat16", "float16")
+        note = " (export's parity check runs fp32: ±0.1 point)" if autocast else ""
         lines = [
             f"checkpoint {self.checkpoint}",
             f"test images {m['count']}   TTA {'flip' if self.tta else 'off'}   "
             f"precision {self.precision}{note}",
-            f"accuracy    {100 * m['accuracy']:.2f}%",
+            f"accuracy    {100 * m['accuracy']:.2f}%  (95% CI {_ci(m['accuracy_ci95'])})",
             f"loss        {m['loss']:.4f}",
+            *_calibration_lines(m.get("calibration")),
             "",
-            f"{'class':<12}{'accuracy':>9}",
+            f"{'class':<12}{'accuracy':>9}  95% CI",
         ]
-        for name, acc in zip(self.classes, m["per_class_accuracy"], strict=True):
-            lines.append(f"{name:<12}{100 * acc:>8.1f}%")
+        for name, acc, ci in zip(
+            self.classes, m["per_class_accuracy"], m["per_class_ci95"], strict=True
+        ):
+            lines.append(f"{name:<12}{100 * acc:>8.1f}%  {_ci(ci, 1)}")
         confused = m.get("most_confused") or []
         if confused:
             lines.append("")
@@ -98,7 +120,29 @@ class EvalReport:
         lines.append("")
         lines.append(f"confusion matrix: {self.out_dir / 'confusion.png'} (and .json)")
         lines.append(f"top losses:       {self.out_dir / 'top_losses.png'}")
+        lines.append(f"reliability:      {self.out_dir / 'reliability.png'}")
+        if self.robustness is not None:
+            lines += ["", robustness.table(self.robustness)]
+            lines.append(f"robustness:       {self.out_dir / 'robustness.png'} (and .json)")
         return "\n".join(lines)
+
+
+def _ci(interval: tuple[float, float] | list[float], digits: int = 2) -> str:
+    return f"{100 * interval[0]:.{digits}f}–{100 * interval[1]:.{digits}f}%"
+
+
+def _calibration_lines(c: dict[str, Any] | None) -> list[str]:
+    if not c:
+        return []
+    line = f"ECE         {100 * c['ece']:.2f}%   NLL {c['nll']:.4f}   Brier {c['brier']:.4f}"
+    before = c.get("before_scaling")
+    if before is None:
+        return [line + "   (not temperature-scaled)"]
+    return [
+        line + f"   (temperature {c['temperature']:.3f})",
+        f"  unscaled  {100 * before['ece']:.2f}%   NLL {before['nll']:.4f}   "
+        f"Brier {before['brier']:.4f}",
+    ]
 
 
 def most_confused(confusion: list[list[int]], classes: list[str], k: int = 5) -> list[dict]:
@@ -116,7 +160,7 @@ def most_confused(confusion: list[list[int]], classes: list[str], k: int = 5) ->
 
 
 def run(
-    checkpoint_path: str | Path,
+    model_path: str | Path,
     *,
     data_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
@@ -125,33 +169,102 @@ def run(
     batch_size: int = 500,
     tta_flip: bool = False,
     plot: bool = True,
+    corruptions: bool = False,
+    corruption_images: int | None = None,
+    seed: int = 0,
+    allow_code: bool = False,
+    progress: bool = True,
 ) -> EvalReport:
-    """Evaluate a checkpoint on the CIFAR-10 test set and write the reports (see
-    :func:`evaluate_model`)."""
-    checkpoint_path = Path(checkpoint_path)
+    """Evaluate a model file — a checkpoint, or a TorchScript/ONNX (fp32 or int8) export — on
+    the CIFAR-10 test set and write the reports (see :func:`evaluate_model`); with
+    ``corruptions``, also the CIFAR-10-C sweep (``robustness.json``, ``robustness.png``)."""
+    from . import inference
+
+    model_path = Path(model_path)
     dev = pick_device(device)
     amp = pick_precision(precision, dev)
     # The model first: a wrong path (a folder, an image) must not leave an empty eval/ behind.
-    model, meta = checkpoint.load_model(checkpoint_path, dev)
-    out = Path(out_dir) if out_dir else checkpoint_path.parent / "eval"
-    for name in OUTPUTS:
-        check_not_input(out / name, [checkpoint_path])
+    kind = None  # the precision column: the autocast dtype for checkpoints
+    if inference.detect_backend(model_path) == "torch":
+        model, meta = checkpoint.load_model(model_path, dev)
+        model = model.to(memory_format=torch.channels_last)
+    else:  # an export: its own runner, probabilities → log-probabilities as logits
+        if tta_flip:
+            raise UserError("--tta works on checkpoints; exports are evaluated as they are")
+        predictor = inference.load(model_path, allow_code=allow_code, batch_size=batch_size)
+        model, meta, amp = _ExportModel(predictor), predictor.meta, None
+        kind = f"{inference.detect_backend(model_path)} {meta.get('precision', 'fp32')}"
+    out = Path(out_dir) if out_dir else model_path.parent / "eval"
+    for name in OUTPUTS + (ROBUSTNESS_OUTPUTS if corruptions else ()):
+        check_not_input(out / name, [model_path])
     ensure_writable_dir(out)
-    model = model.to(memory_format=torch.channels_last)
     arrays = data.load(data.resolve_data_dir(data_dir))
-    return evaluate_model(
-        model,
-        list(meta["classes"]),
-        arrays.test_x,
-        arrays.test_y,
-        out_dir=out,
-        source=checkpoint_path,
-        device=dev,
-        amp_dtype=amp,
-        batch_size=batch_size,
-        tta_flip=tta_flip,
-        plot=plot,
-    )
+    kwargs = dict(device=dev, amp_dtype=amp, batch_size=batch_size)
+    report = evaluate_model(
+        model, list(meta["classes"]), arrays.test_x, arrays.test_y, out_dir=out,
+        source=model_path, tta_flip=tta_flip, plot=plot, precision_name=kind, **kwargs,
+    )  # fmt: skip
+    if corruptions:
+        n = corruption_images or robustness.DEFAULT_IMAGES[dev.type]
+        sweep = corruption_report(
+            model, arrays.test_x, arrays.test_y, n=n, seed=seed, out_dir=out,
+            source=model_path, progress=progress, **kwargs,
+        )  # fmt: skip
+        report = dataclasses.replace(report, robustness=sweep)
+    return report
+
+
+class _ExportModel(torch.nn.Module):
+    """An export's runner as a module returning log-probabilities (softmax of which gives back
+    its probabilities), so exports go through the same scoring as checkpoints. Runs on the
+    CPU (ONNX Runtime, TorchScript on CPU)."""
+
+    def __init__(self, predictor: Any):
+        super().__init__()
+        self.predictor = predictor
+        self.temperature = float(predictor.meta.get("temperature", 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.predictor.run(x.contiguous().cpu().numpy())
+        return torch.from_numpy(probs).clamp_min(1e-12).log()
+
+
+def corruption_report(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    n: int,
+    seed: int,
+    out_dir: Path,
+    source: Path,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    batch_size: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The CIFAR-10-C sweep of an in-memory model on a stratified ``n`` of ``images``:
+    robustness.json and robustness.png in ``out_dir``; returns the report."""
+    chosen = robustness.stratified(labels, n, seed)
+
+    def classify(batch: torch.Tensor) -> torch.Tensor:
+        logits = predict_logits(
+            model, batch, batch_size=batch_size, device=device, amp_dtype=amp_dtype
+        )
+        return logits.argmax(1)
+
+    result = robustness.sweep(
+        classify, images[chosen], labels[chosen], seed=seed, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    result["model"] = str(source)
+    write_json(out_dir / "robustness.json", result)
+    robustness.heatmap_png(result, out_dir / "robustness.png", source.name)
+    log.info(
+        "mean corruption accuracy %.2f%% (clean %.2f%%, %d images)",
+        100 * result["mean_corruption_accuracy"], 100 * result["clean_accuracy"], n,
+    )  # fmt: skip
+    return result
 
 
 def evaluate_model(
@@ -167,6 +280,7 @@ def evaluate_model(
     batch_size: int,
     tta_flip: bool = False,
     plot: bool = True,
+    precision_name: str | None = None,
 ) -> EvalReport:
     """Score an in-memory model on uint8 ``images [N,3,H,W]`` and write, in ``out_dir``:
     metrics.json (with the most-confused pairs), confusion.json, confusion.png (counts and
@@ -174,9 +288,11 @@ def evaluate_model(
     logits = predict_logits(
         model, images, batch_size=batch_size, device=device, amp_dtype=amp_dtype, tta_flip=tta_flip
     )
-    result = metrics(logits, labels, len(classes))
+    temperature = float(getattr(model, "temperature", 1.0))
+    result = metrics(logits, labels, len(classes), temperature)
     result["most_confused"] = most_confused(result["confusion"], classes)
-    precision_name = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
+    if precision_name is None:
+        precision_name = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
     write_json(
         out_dir / "metrics.json",
         {
@@ -198,8 +314,23 @@ def evaluate_model(
         )
         plots.confusion_png(result["confusion"], classes, out_dir / "confusion.png", title)
         top_losses_png(logits, images, labels, classes, out_dir / "top_losses.png")
+        _reliability_png(logits, labels, temperature, out_dir / "reliability.png", source.name)
     log.info("test accuracy %.2f%% (%d images)", 100 * result["accuracy"], result["count"])
     return EvalReport(source, out_dir, result, classes, tta_flip, precision_name)
+
+
+def _reliability_png(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, path: Path, name: str
+) -> None:
+    """Reliability diagram of the served probabilities (and of the unscaled ones when the
+    model carries a temperature)."""
+    from . import plots
+    from .calibration import reliability
+
+    curves = {f"temperature {temperature:.2f}": reliability(logits.softmax(1), labels)}
+    if temperature != 1.0:
+        curves = {"unscaled": reliability((logits * temperature).softmax(1), labels), **curves}
+    plots.reliability_png(curves, path, f"{name}: reliability on {len(labels):,} test images")
 
 
 def top_losses_png(

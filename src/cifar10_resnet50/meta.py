@@ -57,6 +57,9 @@ def validate_meta(meta: Any, source: str) -> dict[str, Any]:
             raise fail(f"'{key}' is {v!r}; it must be 3 finite numbers")
     if any(x <= 0 for x in meta["std"]):
         raise fail("'std' must be positive")
+    t = meta.get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+        raise fail(f"'temperature' is {t!r}; it must be a positive number")
     weights = meta.get("weights")
     if weights is not None and not isinstance(weights, str):
         raise fail("'weights' is not text")

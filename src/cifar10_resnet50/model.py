@@ -55,10 +55,15 @@ class Preprocess(nn.Module):
 class Classifier(nn.Module):
     """Preprocess + torchvision ResNet-50 whose ``fc`` is the new 10-class head."""
 
-    def __init__(self, net: nn.Module, preprocess: Preprocess):
+    def __init__(self, net: nn.Module, preprocess: Preprocess, temperature: float = 1.0):
         super().__init__()
         self.preprocess = preprocess
         self.net = net
+        # Temperature scaling (Guo et al. 2017), fitted on the validation split after training
+        # and stored in the model's metadata: every consumer (predict, serve, the exports'
+        # baked-in softmax) divides the logits by it. 1 while training. Not in the state dict,
+        # so checkpoints from before it load unchanged.
+        self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
     @property
     def head(self) -> nn.Module:
@@ -68,7 +73,7 @@ class Classifier(nn.Module):
         return [p for n, p in self.net.named_parameters() if not n.startswith("fc.")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.preprocess(x))
+        return self.net(self.preprocess(x)) / self.temperature
 
 
 def _reference_state() -> dict[str, torch.Tensor]:
@@ -103,7 +108,8 @@ def check_state_dict(state: Any, source: str) -> dict[str, torch.Tensor]:
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A torchvision-format state dict from disk, sha256-checked when its name carries a hash."""
+    """A torchvision-format state dict from disk (or the backbone of one of our checkpoints),
+    sha256-checked when its name carries a hash."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
@@ -124,6 +130,10 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(
             f"--weights {path}: cannot load as a PyTorch state dict ({first_line(e)})"
         ) from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "model_meta" in state:
+        # One of our checkpoints (a linear probe's best.pt, say): its backbone, so a fine-tune
+        # can start from it; the head is new as always.
+        state = {k[4:]: v for k, v in state["model"].items() if k.startswith("net.")}
     return check_state_dict(state, f"--weights {path}")
 
 
@@ -201,4 +211,4 @@ def from_meta(meta: dict[str, Any]) -> Classifier:
         raise UserError(f"unsupported architecture {meta.get('arch')!r} in checkpoint")
     net = torchvision.models.resnet50(num_classes=int(meta["num_classes"]))
     pre = Preprocess(int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"]))
-    return Classifier(net, pre)
+    return Classifier(net, pre, float(meta.get("temperature", 1.0)))

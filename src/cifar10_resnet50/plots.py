@@ -137,3 +137,56 @@ def lr_find_png(lrs: list[float], losses: list[float], suggested: float, path: s
     ax.legend()
     fig.tight_layout()
     _write(fig, path)
+
+
+def reliability_png(curves: dict[str, list], path: str | Path, title: str) -> None:
+    """Reliability diagram: accuracy against confidence per bin (``calibration.Bin`` lists,
+    one per label), the diagonal being perfect calibration; bin counts below."""
+    plt = _pyplot()
+    fig, (ax, ax_n) = plt.subplots(
+        2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    for (label, bins), marker in zip(curves.items(), "os^", strict=False):
+        full = [b for b in bins if b.count]
+        ece = sum(b.count * abs(b.accuracy - b.confidence) for b in full) / max(
+            1, sum(b.count for b in full)
+        )
+        ax.plot(
+            [b.confidence for b in full],
+            [b.accuracy for b in full],
+            marker + "-",
+            label=f"{label} (ECE {100 * ece:.2f}%)",
+        )
+        ax_n.bar(
+            [(b.lower + b.upper) / 2 for b in bins],
+            [b.count for b in bins],
+            width=bins[0].upper - bins[0].lower,
+            alpha=0.5,
+            label=label,
+        )
+    ax.set(ylabel="accuracy in bin", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax_n.set(xlabel="confidence (top-1 probability)", ylabel="images")
+    for a in (ax, ax_n):
+        a.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    _write(fig, path)
+
+
+def heatmap_png(
+    values: list[list[float]], *, rows: list[str], columns: list[str], path: str | Path, title: str
+) -> None:
+    """A table of percentages as a heatmap, each cell annotated (the robustness sweep)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 3, 0.42 * len(rows) + 1.8))
+    im = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    _write(fig, path)

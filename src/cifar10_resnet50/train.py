@@ -10,7 +10,11 @@ randomness in the loop is keyed by (seed, epoch, batch) and everything else that
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import io
+import itertools
 import json
 import logging
 import math
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, evaluate
+from . import budget, checkpoint, data, evaluate
 from . import model as model_lib
 from .board import Board
 from .config import Config, resolve
@@ -103,6 +107,26 @@ def lr_factor(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[i
         return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return cosine if schedule == "cosine" else onecycle
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(schedule, total_steps, int(warmup * total_steps))
+    )
+
+
+@contextlib.contextmanager
+def at_size(model: model_lib.Classifier, size: int) -> Any:
+    """The model resizes its inputs to ``size`` px inside this block (progressive resizing,
+    the budget's timing steps), and to its own resolution again after it."""
+    own = model.preprocess.image_size
+    model.preprocess.image_size = size
+    try:
+        yield
+    finally:
+        model.preprocess.image_size = own
 
 
 def set_backbone_frozen(model: model_lib.Classifier, frozen: bool) -> None:
@@ -270,6 +294,16 @@ class Run:
     compile_decided: bool = False  # `--compile auto` has made its one decision
     forward: torch.nn.Module | None = None  # the model as trained: DDP- and/or compile-wrapped
     frozen: bool | None = None  # the backbone state ``forward`` was built for
+    plan: budget.Plan | None = None  # --budget's plan
+    started: float = 0.0  # time.perf_counter() when the command started (for --budget)
+
+    def size_at(self, epoch: int) -> int:
+        """Training resolution of an epoch (``--progressive``); always the model's own for
+        validation and saving."""
+        target = self.cfg.model.image_size
+        if not self.cfg.train.progressive:
+            return target
+        return budget.progressive_sizes(target, self.cfg.train.epochs)[epoch]
 
 
 def _setup(cfg: Config, resume: bool, process: Process) -> tuple[Config, Path, dict | None]:
@@ -315,6 +349,8 @@ def _build(cfg: Config, out: Path, process: Process) -> Run:
     if cfg.data.subset is not None:
         train_idx = train_idx[: cfg.data.subset]
     steps = data.steps_per_epoch(len(train_idx), t.batch_size, process.world_size)
+    if t.steps_per_epoch is not None:
+        steps = min(steps, t.steps_per_epoch)
     if steps == 0 and t.strategy != "linear":  # the probe fits on all images at once
         raise UserError(
             f"{len(train_idx)} training images make no full batch of {t.batch_size} × "
@@ -331,10 +367,7 @@ def _build(cfg: Config, out: Path, process: Process) -> Run:
     if t.strategy == "linear":
         groups = [g for g in groups if g["name"].startswith("head")]
     optimizer = make_optimizer(groups, o.optimizer, o.momentum)
-    total = steps * t.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(o.schedule, total, int(o.warmup * total))
-    )
+    scheduler = make_scheduler(optimizer, o.schedule, steps * t.epochs, o.warmup)
     amp_dtype = pick_precision(t.precision, device)
     meta = model_lib.model_meta(cfg.model.weights, cfg.model.image_size)
     if process.is_main:  # only now: a failed start leaves no run folder behind
@@ -443,8 +476,10 @@ def _train_epoch(
         num_classes=r.meta["num_classes"],
         rank=process.rank,
         world_size=process.world_size,
+        steps=r.steps_per_epoch,
     ):
-        loss, logits = _train_step(r, forward, xb, target)
+        with at_size(r.model, r.size_at(state.epoch)):
+            loss, logits = _train_step(r, forward, xb, target)
         state.step, state.batch = state.step + 1, i + 1
         # Running sums stay on the device: no host sync per step.
         pending.append(loss)
@@ -466,7 +501,7 @@ def _train_epoch(
         window = float(torch.stack(pending).float().mean())
         pending, pending_from = [], state.step
         rate = (state.sums["seen"] - seen0) * process.world_size / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{window:.3f}", img_s=f"{rate:.0f}")
+        bar.set_postfix(loss=f"{window:.3f}", img_s=f"{rate:.0f}", **_budget_eta(r, state))
         board.step(state.step, window, r.scheduler.get_last_lr()[-1], rate)
         timed_from = _maybe_compile(r, state, timed_from)
         if r.compiled and r.forward is not forward:
@@ -507,6 +542,184 @@ def _maybe_compile(r: Run, state: checkpoint.RunState, timed_from: tuple | None)
     if decision:
         r.compiled, r.forward = True, None
     return ()
+
+
+# --------------------------------------------------------------------------- --budget
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _agree(r: Run, value: float) -> float:
+    """The mean over the processes, so that every rank plans alike."""
+    t = torch.tensor([value], dtype=torch.float64, device=r.device)
+    return float(r.process.all_reduce(t)) / r.process.world_size
+
+
+def _time_steps(r: Run, size: int, frozen: bool, warmup: int = 2, timed: int = 8) -> float:
+    """Seconds per optimizer step at ``size`` px: real steps of this run, timed after a
+    warm-up step, then undone (weights, BatchNorm statistics, optimizer, schedule, scaler)."""
+    t = r.cfg.train
+    snapshot = copy.deepcopy(
+        [m.state_dict() for m in (r.model, r.optimizer, r.scheduler, r.scaler)]
+    )
+    set_backbone_frozen(r.model, frozen)
+    set_train_mode(r.model, frozen)
+    forward = _forward(r, frozen)
+    batches = itertools.chain.from_iterable(
+        data.train_batches(
+            r.train_x, r.train_y, batch_size=t.batch_size, seed=t.seed, epoch=epoch,
+            padding=r.cfg.augment.crop_padding, flip=r.cfg.augment.flip,
+            rank=r.process.rank, world_size=r.process.world_size,
+        )
+        for epoch in itertools.count()
+    )  # fmt: skip
+    with at_size(r.model, size):
+        for n, (_, xb, _, target) in enumerate(itertools.islice(batches, warmup + timed)):
+            if n == warmup:
+                _sync(r.device)
+                t0 = time.perf_counter()
+            _train_step(r, forward, xb, target)
+        _sync(r.device)
+    seconds = (time.perf_counter() - t0) / timed
+    for module, state in zip((r.model, r.optimizer, r.scheduler, r.scaler), snapshot, strict=True):
+        module.load_state_dict(state)
+    return _agree(r, seconds)
+
+
+def _time_eval(r: Run, size: int) -> float:
+    """Seconds per evaluated image at ``size`` px (one evaluation batch, after a small one)."""
+    images = r.arrays.test_x[: r.cfg.train.eval_batch_size]
+    kwargs = dict(device=r.device, amp_dtype=r.amp_dtype, channels_last=r.cfg.train.channels_last)
+    with at_size(r.model, size):
+        evaluate.predict_logits(r.model, images[:16], batch_size=16, **kwargs)
+        t0 = time.perf_counter()
+        evaluate.predict_logits(r.model, images, batch_size=len(images), **kwargs)
+    return _agree(r, (time.perf_counter() - t0) / len(images))
+
+
+def _time_save(r: Run) -> float:
+    """An epoch's checkpoint writes, from serialising the weights once: last.pt holds them with
+    the optimizer's state (SGD one copy more, AdamW two), best.pt them alone."""
+    t0 = time.perf_counter()
+    torch.save(r.model.state_dict(), io.BytesIO())
+    copies = (2 if r.cfg.optim.optimizer == "sgd" else 3) + 1
+    return _agree(r, (time.perf_counter() - t0) * copies)
+
+
+def _timings(r: Run) -> budget.Timings:
+    """Timings measured on demand, once per (size, frozen) and size."""
+    steps: dict[tuple[int, bool], float] = {}
+    evals: dict[int, float] = {}
+
+    def step_s(size: int, frozen: bool) -> float:
+        if (size, frozen) not in steps:
+            steps[(size, frozen)] = _time_steps(r, size, frozen)
+        return steps[(size, frozen)]
+
+    def eval_s(size: int) -> float:
+        if size not in evals:
+            evals[size] = _time_eval(r, size)
+        return evals[size]
+
+    return budget.Timings(step_s, eval_s, _time_save(r))
+
+
+def _plan_budget(r: Run, auto_size: bool, final_eval: bool) -> Run:
+    """Time real steps, plan epochs × steps (and the resolution when it is auto), and return
+    the run rebuilt for the plan: its config (written to config.json, as if those flags had
+    been given), schedule, checkpoints' metadata; the plan itself goes to plan.json."""
+    t = r.cfg.train
+    budget_s = budget.parse_duration(t.budget)
+    shape = budget.Shape(
+        full_steps=data.steps_per_epoch(len(r.train_idx), t.batch_size, r.process.world_size),
+        global_batch=t.batch_size * r.process.world_size,
+        val_images=len(r.val_x),
+        test_images=len(r.arrays.test_x) if final_eval else 0,
+        strategy=t.strategy,
+        freeze_epochs=t.freeze_epochs,
+        progressive=t.progressive,
+        calibration_images=len(r.val_idx),
+    )
+    sizes = budget.LADDER[r.device.type] if auto_size else (r.cfg.model.image_size,)
+    timings = _timings(r)
+    budget.plan(budget_s, time.perf_counter() - r.started, shape, timings, sizes)  # times
+    # Again with the timing steps' own time counted: the timings are measured by now.
+    plan = budget.plan(budget_s, _agree(r, time.perf_counter() - r.started), shape, timings, sizes)
+    if t.strategy == "gradual" and plan.epochs <= t.freeze_epochs:
+        raise UserError(
+            f"--budget {t.budget} leaves {plan.epochs} epoch(s), not one more than "
+            f"--freeze-epochs {t.freeze_epochs}; raise the budget or lower --freeze-epochs"
+        )
+    log.info("%s", plan.describe())
+    # `--compile auto` stays eager: a compile's cost (65 s on an H100) is not plannable.
+    r = _replanned(r, plan.image_size, {"budget": t.budget, **dataclasses.asdict(plan)},
+                   epochs=plan.epochs, steps_per_epoch=plan.steps_per_epoch,
+                   compile="off" if t.compile == "auto" else t.compile)  # fmt: skip
+    o = r.cfg.optim
+    scheduler = make_scheduler(
+        r.optimizer, o.schedule, plan.epochs * plan.steps_per_epoch, o.warmup
+    )
+    return dataclasses.replace(
+        r, scheduler=scheduler, steps_per_epoch=plan.steps_per_epoch, plan=plan
+    )
+
+
+def _plan_probe_budget(r: Run, auto_size: bool) -> Run:
+    """``--strategy linear`` has no epochs to plan: the budget picks the resolution (the
+    largest whose feature pass fits), or says in one line that none does."""
+    t = r.cfg.train
+    feature_images = (len(r.train_idx) + len(r.val_idx)) * (2 if t.probe_mirrors else 1)
+    sizes = budget.LADDER[r.device.type] if auto_size else (r.cfg.model.image_size,)
+    size, estimate = budget.plan_probe(
+        budget.parse_duration(t.budget),
+        lambda: _agree(r, time.perf_counter() - r.started),
+        feature_images,
+        len(r.arrays.test_x) + len(r.val_idx),  # + the temperature's validation pass
+        lambda px: _time_eval(r, px),
+        sizes,
+        budget.PROBE_FIT_S[r.device.type],
+    )
+    log.info(
+        "budget %s: linear probe at %d px, ~%s",
+        t.budget,
+        size,
+        budget.format_duration(estimate),
+    )
+    return _replanned(r, size, {"budget": t.budget, "image_size": size, "eta_s": estimate})
+
+
+def _replanned(r: Run, image_size: int, plan: dict[str, Any], **train_changes: Any) -> Run:
+    """The run with the planned settings in its config (written to config.json as if given as
+    flags, so --resume follows the plan), model resolution and checkpoints' metadata; the plan
+    itself goes to plan.json."""
+    cfg = dataclasses.replace(
+        r.cfg,
+        model=dataclasses.replace(r.cfg.model, image_size=image_size),
+        train=dataclasses.replace(r.cfg.train, budget=None, **train_changes),
+    )
+    r.model.preprocess.image_size = image_size
+    meta = model_lib.model_meta(cfg.model.weights, image_size)
+    saver = checkpoint.Saver(
+        r.out, meta, cfg.to_dict(), is_main=r.process.is_main, world_size=r.process.world_size
+    )
+    if r.process.is_main:
+        write_json(r.out / "config.json", cfg.to_dict())
+        write_json(r.out / "plan.json", plan)
+    return dataclasses.replace(r, cfg=cfg, meta=meta, saver=saver)
+
+
+def _budget_eta(r: Run, state: checkpoint.RunState) -> dict[str, str]:
+    """The progress bar's "eta" against the budget: the plan's end, moved by how far the run
+    is ahead of or behind the plan at this step."""
+    if r.plan is None:
+        return {}
+    p = r.plan
+    expected = p.elapsed_s + p.train_s * state.step / (p.epochs * p.steps_per_epoch)
+    end = p.eta_s + (time.perf_counter() - r.started) - expected
+    return {"eta": f"{budget.format_duration(end)}/{budget.format_duration(p.budget_s)}"}
 
 
 def _validate(r: Run) -> tuple[float | None, float | None, torch.Tensor | None]:
@@ -603,19 +816,13 @@ def _end_epoch(
     )
 
 
-def _linear_probe(r: Run, state: checkpoint.RunState, final_eval: bool) -> TrainResult:
-    """``--strategy linear``: cached backbone features, then the head fitted on them (see
-    ``probe``); the result is a normal run folder whose checkpoints hold the whole model."""
+def _probe_features(r: Run) -> Any:
+    """The backbone features of the training and validation images, from the cache when
+    every key matches (see ``probe.cached_features``)."""
     from . import probe
 
-    if r.process.distributed:
-        raise UserError(
-            "--strategy linear fits the head on cached features in one process (seconds after "
-            "the features); run it without torchrun"
-        )
-    cfg, t0 = r.cfg, time.perf_counter()
-    flip = cfg.augment.flip
-    features = probe.cached_features(
+    cfg = r.cfg
+    return probe.cached_features(
         r.model,
         r.arrays,
         torch.cat([r.train_idx, r.val_idx]),
@@ -627,20 +834,36 @@ def _linear_probe(r: Run, state: checkpoint.RunState, final_eval: bool) -> Train
         device=r.device,
         amp_dtype=r.amp_dtype,
         batch_size=cfg.train.eval_batch_size,
-        flip=flip,
+        flip=cfg.train.probe_mirrors,
     )
+
+
+def _linear_probe(r: Run, state: checkpoint.RunState, final_eval: bool) -> TrainResult:
+    """``--strategy linear``: cached backbone features, then the head fitted on them (see
+    ``probe``); the result is a normal run folder whose checkpoints hold the whole model."""
+    from . import probe
+
+    if r.process.distributed:
+        raise UserError(
+            "--strategy linear fits the head on cached features in one process (seconds after "
+            "the features); run it without torchrun"
+        )
+    cfg, t0 = r.cfg, time.perf_counter()
+    features = _probe_features(r)
     rows = features.rows(r.train_idx)
-    x, y = features.plain[rows], r.arrays.train_y[r.train_idx]
-    if features.flipped is not None:  # each mirror image is one more training example
-        x, y = torch.cat([x, features.flipped[rows]]), torch.cat([y, y])
     has_val = len(r.val_idx) > 0
+    t_fit = time.perf_counter()
     head = probe.fit_head(
-        x,
-        y,
+        features.plain[rows],
+        r.arrays.train_y[r.train_idx],
         features.plain[features.rows(r.val_idx)] if has_val else None,
         r.arrays.train_y[r.val_idx] if has_val else None,
         r.meta["num_classes"],
+        cfg.train.probe_solver,
+        # each mirror image is one more training example
+        mirrored_x=None if features.flipped is None else features.flipped[rows],
     )
+    fit_seconds = time.perf_counter() - t_fit
     with torch.no_grad():
         r.model.net.fc.weight.copy_(head.weight.to(r.model.net.fc.weight.device))
         r.model.net.fc.bias.copy_(head.bias.to(r.model.net.fc.bias.device))
@@ -656,7 +879,12 @@ def _linear_probe(r: Run, state: checkpoint.RunState, final_eval: bool) -> Train
         "seconds": round(seconds, 2),
         "img_per_s": round(len(r.train_idx) / seconds, 1),
         "frozen_backbone": True,
-        "probe": {"l2": head.l2, "features_from_cache": features.cached},
+        "probe": {
+            "l2": head.l2,
+            "solver": cfg.train.probe_solver,
+            "fit_seconds": round(fit_seconds, 2),
+            "features_from_cache": features.cached,
+        },
     }
     log.info(
         "linear probe: L2 %.0e, train acc %.2f%%, %s in %.1f s (features %s)",
@@ -672,9 +900,44 @@ def _linear_probe(r: Run, state: checkpoint.RunState, final_eval: bool) -> Train
     r.saver.save_last(r.model, r.optimizer, r.scheduler, r.scaler, state)
     if has_val:
         r.saver.save_best(r.model, row)
+    _calibrate(r)
     report = _final_evaluation(r) if final_eval else None
     best = r.saver.best if r.saver.best.exists() else None
     return TrainResult(r.out, r.saver.last, best, head.val_acc, state.epoch, False, report)
+
+
+def _calibrate(r: Run) -> None:
+    """Temperature scaling (Guo et al. 2017) of the weights best.pt holds, fitted on the whole
+    validation split: stored in best.pt's metadata and set on the model in memory, so the
+    final evaluation, predict, serve and exports return calibrated probabilities."""
+    from . import calibration
+
+    if not len(r.val_idx) or not r.saver.best.exists():
+        return  # no held-out images: the model stays uncalibrated (temperature 1)
+    if r.saver.best_state is None:  # resumed after best.pt was written
+        blob = checkpoint.load(r.saver.best)
+        r.saver.best_state, r.saver.best_row = blob["model"], blob.get("metrics", {})
+    r.model.load_state_dict(r.saver.best_state)
+    r.model.temperature.fill_(1.0)
+    logits = evaluate.predict_logits(
+        r.model,
+        r.arrays.train_x[r.val_idx],
+        batch_size=r.cfg.train.eval_batch_size,
+        device=r.device,
+        amp_dtype=r.amp_dtype,
+        channels_last=r.cfg.train.channels_last,
+    )
+    labels = r.arrays.train_y[r.val_idx]
+    t = calibration.fit_temperature(logits, labels)
+    before, after = calibration.scores(logits, labels), calibration.scores(logits, labels, t)
+    log.info(
+        "temperature scaling on %d validation images: T = %.3f, ECE %.2f%% → %.2f%%, "
+        "NLL %.4f → %.4f",
+        len(labels), t, 100 * before["ece"], 100 * after["ece"], before["nll"], after["nll"],
+    )  # fmt: skip
+    r.saver.calibrate(t)
+    r.meta = r.saver.meta
+    r.model.temperature.fill_(t)
 
 
 def _final_evaluation(r: Run) -> evaluate.EvalReport:
@@ -707,54 +970,61 @@ def run(
     final_eval: bool = True,
     stop_after_steps: int | None = None,
     process: Process | None = None,
+    started: float | None = None,
 ) -> TrainResult:
     """Train as ``cfg`` says; returns where the checkpoints are and the final test report.
 
     ``stop_after_steps`` stops (and saves ``last``) exactly as Ctrl-C does, after that many
     optimizer steps in total: the tests use it to interrupt a run deterministically. Under
     torchrun the process group is set up from the environment and closed at the end.
+    ``started``: the ``time.perf_counter()`` that ``--budget`` counts from (the CLI passes its
+    own start, so importing torch counts too).
     """
+    started = started or time.perf_counter()  # --budget counts from here
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     own = process is None
     process = process or Process.from_env(pick_device(cfg.train.device).type)
     try:
-        return _run(cfg, resume, final_eval, stop_after_steps, process)
+        return _run(cfg, resume, final_eval, stop_after_steps, process, started)
     finally:
         if own:
             process.close()
 
 
-def _run(
-    cfg: Config, resume: bool, final_eval: bool, stop_after: int | None, process: Process
-) -> TrainResult:
-    cfg, out, saved = _setup(cfg, resume, process)
-    if saved is not None and saved["train_state"]["epoch"] >= cfg.train.epochs:
-        done = saved["train_state"]["epoch"]
-        log.info("%s finished all %d epochs; nothing to do", out, done)
-        best = out / "best.pt" if (out / "best.pt").exists() else None
-        ts = saved["train_state"]
-        return TrainResult(out, out / "last.pt", best, ts["best_val_acc"], done, False, None, True)
-    r = _build(cfg, out, process)
+def _start(
+    cfg: Config,
+    out: Path,
+    process: Process,
+    saved: dict | None,
+    started: float,
+    auto_size: bool,
+    final_eval: bool,
+) -> tuple[Run, checkpoint.RunState]:
+    """The built run (planned, under --budget) and its position (restored, when resuming)."""
+    r = dataclasses.replace(_build(cfg, out, process), started=started)
+    if cfg.train.budget and saved is None:
+        if cfg.train.strategy == "linear":
+            r = _plan_probe_budget(r, auto_size)
+        else:
+            r = _plan_budget(r, auto_size, final_eval)
     state = checkpoint.RunState()
     if saved is not None:
         state = r.saver.restore(saved, r.model, r.optimizer, r.scheduler, r.scaler)
         log.info(
-            "resuming %s at epoch %d, batch %d (step %d)",
-            out,
-            state.epoch + 1,
-            state.batch,
+            "resuming %s at epoch %d, batch %d (step %d)", out, state.epoch + 1, state.batch,
             state.step,
-        )
+        )  # fmt: skip
         if process.is_main:
             _truncate_metrics(out / "metrics.jsonl", state.epoch)
-    t = cfg.train
+    t = r.cfg.train
     log.info(
-        "training resnet50 on %s (%s), %d px, strategy %s, %d epochs × %d steps, batch %d × %d "
+        "training resnet50 on %s (%s), %d px%s, strategy %s, %d epochs × %d steps, batch %d × %d "
         "process(es) = %d, weights %s, %d train / %d val images → %s",
         r.device,
         str(r.amp_dtype).replace("torch.", "") if r.amp_dtype else "fp32",
-        cfg.model.image_size,
+        r.cfg.model.image_size,
+        f" (progressive from {r.size_at(0)} px)" if t.progressive else "",
         t.strategy,
         t.epochs,
         r.steps_per_epoch,
@@ -766,6 +1036,27 @@ def _run(
         len(r.val_x) * process.world_size,
         out,
     )
+    return r, state
+
+
+def _run(
+    cfg: Config,
+    resume: bool,
+    final_eval: bool,
+    stop_after: int | None,
+    process: Process,
+    started: float,
+) -> TrainResult:
+    auto_size = cfg.model.image_size is None  # --budget may choose it
+    cfg, out, saved = _setup(cfg, resume, process)
+    if saved is not None and saved["train_state"]["epoch"] >= cfg.train.epochs:
+        done = saved["train_state"]["epoch"]
+        log.info("%s finished all %d epochs; nothing to do", out, done)
+        best = out / "best.pt" if (out / "best.pt").exists() else None
+        ts = saved["train_state"]
+        return TrainResult(out, out / "last.pt", best, ts["best_val_acc"], done, False, None, True)
+    r, state = _start(cfg, out, process, saved, started, auto_size, final_eval)
+    cfg, t = r.cfg, r.cfg.train  # as planned by --budget
     if t.strategy == "linear":
         return _linear_probe(r, state, final_eval)
     board = Board(
@@ -789,8 +1080,9 @@ def _run(
     finally:
         board.close()
     report = None
-    if final_eval and not stopped and process.is_main:
-        report = _final_evaluation(r)
+    if not stopped and process.is_main:
+        _calibrate(r)
+        report = _final_evaluation(r) if final_eval else None
     rows = _read_metrics(out / "metrics.jsonl")
     if process.is_main and rows:
         from .plots import training_curves
