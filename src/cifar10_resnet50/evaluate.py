@@ -310,7 +310,8 @@ def evaluate_model(
         from . import plots
 
         title = (
-            f"{source.name}: test accuracy {100 * result['accuracy']:.2f}% ({len(labels):,} images)"
+            f"{source.name}: test accuracy {100 * result['accuracy']:.2f}% "
+            f"(95% CI {_ci(result['accuracy_ci95'])}, {len(labels):,} images)"
         )
         plots.confusion_png(result["confusion"], classes, out_dir / "confusion.png", title)
         top_losses_png(logits, images, labels, classes, out_dir / "top_losses.png")
@@ -325,12 +326,15 @@ def _reliability_png(
     """Reliability diagram of the served probabilities (and of the unscaled ones when the
     model carries a temperature)."""
     from . import plots
-    from .calibration import reliability
+    from .calibration import reliability, wilson
 
     curves = {f"temperature {temperature:.2f}": reliability(logits.softmax(1), labels)}
     if temperature != 1.0:
         curves = {"unscaled": reliability((logits * temperature).softmax(1), labels), **curves}
-    plots.reliability_png(curves, path, f"{name}: reliability on {len(labels):,} test images")
+    right = int((logits.argmax(1) == labels).sum())
+    ci = _ci(wilson(right, len(labels)))
+    title = f"{name}: reliability on {len(labels):,} test images (accuracy 95% CI {ci})"
+    plots.reliability_png(curves, path, title)
 
 
 def top_losses_png(

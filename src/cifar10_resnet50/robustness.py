@@ -130,6 +130,7 @@ def heatmap_png(report: dict[str, Any], path: Path, title: str) -> None:
         rows=names,
         columns=[f"severity {s}" for s in C.SEVERITIES],
         path=path,
-        title=f"{title}\nclean {100 * report['clean_accuracy']:.1f}%, mean corrupted "
+        title=f"{title}\nclean {100 * report['clean_accuracy']:.1f}% (95% CI "
+        f"{100 * report['clean_ci95'][0]:.1f}–{100 * report['clean_ci95'][1]:.1f}), mean corrupted "
         f"{100 * report['mean_corruption_accuracy']:.1f}% ({report['images']:,} images)",
     )
