@@ -61,12 +61,15 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> 
     return out
 
 
+def ece_of(bins: list[Bin]) -> float:
+    """Expected calibration error from the bins: Σ_bins (n_b / N) · |accuracy_b − confidence_b|."""
+    total = sum(b.count for b in bins)
+    return sum(b.count / total * abs(b.accuracy - b.confidence) for b in bins) if total else 0.0
+
+
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> float:
-    """Expected calibration error: Σ_bins (n_b / N) · |accuracy_b − confidence_b|."""
-    total = len(labels)
-    return sum(
-        b.count / total * abs(b.accuracy - b.confidence) for b in reliability(probs, labels, bins)
-    )
+    """Expected calibration error of ``probs`` (float [N,C]) in ``bins`` equal-width bins."""
+    return ece_of(reliability(probs, labels, bins))
 
 
 def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:

@@ -148,10 +148,10 @@ def reliability_png(curves: dict[str, list], path: str | Path, title: str) -> No
     )
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
     for (label, bins), marker in zip(curves.items(), "os^", strict=False):
+        from .calibration import ece_of
+
         full = [b for b in bins if b.count]
-        ece = sum(b.count * abs(b.accuracy - b.confidence) for b in full) / max(
-            1, sum(b.count for b in full)
-        )
+        ece = ece_of(bins)
         ax.plot(
             [b.confidence for b in full],
             [b.accuracy for b in full],
