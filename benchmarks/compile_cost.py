@@ -32,7 +32,11 @@ def child(device: str, px: int, batch: int, steps: int, compiled: bool) -> dict:
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    net = model_lib.build("none", px, progress=False).to(dev).to(memory_format=torch.channels_last)
+    net = (
+        model_lib.build("none", px, 10, progress=False)
+        .to(dev)
+        .to(memory_format=torch.channels_last)
+    )
     fwd = torch.compile(net) if compiled else net
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=dev)

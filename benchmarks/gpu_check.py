@@ -46,7 +46,9 @@ def measure(
 
     torch.manual_seed(0)
     net = (
-        model_lib.build("none", px, progress=False).to(device).to(memory_format=torch.channels_last)
+        model_lib.build("none", px, 10, progress=False)
+        .to(device)
+        .to(memory_format=torch.channels_last)
     )
     fwd = torch.compile(net) if compile_ else net
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)

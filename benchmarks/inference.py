@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar10_resnet50.data import cifar10
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
@@ -51,9 +53,9 @@ def main() -> None:
 
     import torch
 
-    from cifar10_resnet50 import checkpoint, data, export, inference
+    from cifar10_resnet50 import checkpoint, export, inference
 
-    arrays = data.load(data.resolve_data_dir(args.data_dir))
+    arrays = cifar10.load(cifar10.resolve_data_dir(args.data_dir))
     test_x = arrays.test_x.numpy()  # uint8 [N,3,32,32]
     test_y = arrays.test_y.numpy()
 

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from cifar10_resnet50.data import cifar10
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
@@ -35,9 +37,7 @@ def free_port() -> int:
 def pngs(data_dir: str, n: int = 64) -> list[bytes]:
     from PIL import Image
 
-    from cifar10_resnet50 import data
-
-    arrays = data.load(data.resolve_data_dir(data_dir))
+    arrays = cifar10.load(cifar10.resolve_data_dir(data_dir))
     out = []
     for i in range(n):
         buf = io.BytesIO()

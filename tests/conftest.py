@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cifar10_resnet50.data import cifar10
+from cifar10_resnet50.data.cifar10 import CLASSES as CIFAR10_CLASSES
+
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -122,13 +125,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from cifar10_resnet50 import model as M
 
     torch.manual_seed(0)
-    net = M.build("none", 32)
+    net = M.build("none", 32, 10)
     with torch.no_grad():
         net.net.fc.weight.normal_(0, 0.05)
         net.net.fc.bias.normal_(0, 0.1)
     path = tmp_path_factory.mktemp("model") / "best.pt"
     checkpoint.save(
-        path, {"model_meta": M.model_meta("none", 32), "model": net.state_dict(), "config": {}}
+        path,
+        {
+            "model_meta": M.model_meta("none", 32, CIFAR10_CLASSES, 32),
+            "model": net.state_dict(),
+            "config": {},
+        },
     )
     return path
 
@@ -137,9 +145,7 @@ def _write_pngs(root: Path, folder: Path, n: int) -> tuple[list[Path], object]:
     """The first ``n`` test images of the data under ``root`` as PNG files named by label."""
     from PIL import Image
 
-    from cifar10_resnet50 import data
-
-    arrays = data.load(root)
+    arrays = cifar10.load(root)
     paths = []
     for i in range(n):
         path = folder / f"test{i:02d}_{arrays.classes[arrays.test_y[i]]}.png"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cifar10_resnet50 import calibration as cal
+from cifar10_resnet50.data import cifar10
 
 
 def test_wilson_interval_matches_the_textbook_values():
@@ -69,9 +70,9 @@ def test_temperature_travels_from_checkpoint_to_exports_predict_and_evaluate(
 ):
     import numpy as np
 
-    from cifar10_resnet50 import checkpoint, data, evaluate, export, inference
+    from cifar10_resnet50 import checkpoint, evaluate, export, inference
 
-    images = data.load(synthetic_root).test_x[:32]  # uint8 [32,3,32,32]
+    images = cifar10.load(synthetic_root).test_x[:32]  # uint8 [32,3,32,32]
     model, _ = checkpoint.load_model(tiny_checkpoint)  # no temperature: as before issue 8
     with torch.no_grad():
         raw = model.net(model.preprocess(images))

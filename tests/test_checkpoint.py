@@ -8,15 +8,20 @@ import torch
 
 from cifar10_resnet50 import checkpoint
 from cifar10_resnet50 import model as M
+from cifar10_resnet50.data.cifar10 import CLASSES as CIFAR10_CLASSES
 from cifar10_resnet50.errors import UserError
 
 
 def _payload(net):
-    return {"model_meta": M.model_meta("none", 32), "model": net.state_dict(), "config": {"x": 1}}
+    return {
+        "model_meta": M.model_meta("none", 32, CIFAR10_CLASSES, 32),
+        "model": net.state_dict(),
+        "config": {"x": 1},
+    }
 
 
 def test_round_trip_with_weights_only_gives_the_same_model(tmp_path):
-    net = M.build("none", 32).eval()
+    net = M.build("none", 32, 10).eval()
     path = tmp_path / "m.pt"
     checkpoint.save(path, _payload(net))
     raw = torch.load(path, weights_only=True)  # plain data only
@@ -30,7 +35,7 @@ def test_round_trip_with_weights_only_gives_the_same_model(tmp_path):
 
 
 def test_non_finite_weights_are_never_written(tmp_path):
-    net = M.build("none", 32)
+    net = M.build("none", 32, 10)
     with torch.no_grad():
         net.net.fc.weight[0, 0] = float("nan")
     with pytest.raises(UserError, match="non-finite"):
@@ -39,7 +44,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
 
 
 def test_failed_save_keeps_the_previous_file_and_no_temp(tmp_path, monkeypatch):
-    net = M.build("none", 32)
+    net = M.build("none", 32, 10)
     path = tmp_path / "last.pt"
     checkpoint.save(path, _payload(net))
     before = path.read_bytes()
@@ -62,7 +67,7 @@ def test_save_killed_midway_never_leaves_a_corrupt_file(tmp_path):
         f"""
         import torch
         from cifar10_resnet50 import checkpoint, model
-        payload = {{"model_meta": model.model_meta("none", 32),
+        payload = {{"model_meta": model.model_meta("none", 32, [str(i) for i in range(10)], 32),
                    "model": {{"w": torch.randn(4_000_000)}}, "config": {{}}}}
         i = 0
         while True:

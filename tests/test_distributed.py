@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cifar10_resnet50 import checkpoint
+from cifar10_resnet50.data import augment
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -166,13 +167,12 @@ def test_resume_with_another_process_count_is_refused(synthetic_root, tmp_path):
 
 @pytest.mark.parametrize("world", [2])
 def test_global_batches_are_sliced_from_one_augmented_batch(world):
-    from cifar10_resnet50 import data
 
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(64) % 10
-    kw = dict(seed=3, epoch=1, mixup=0.4, cutmix=1.0)
-    whole = list(data.train_batches(x, y, batch_size=8 * world, **kw))
-    parts = [list(data.train_batches(x, y, batch_size=8, rank=r, world_size=world, **kw))
+    kw = dict(seed=3, epoch=1, mixup=0.4, cutmix=1.0, num_classes=10)
+    whole = list(augment.train_batches(x, y, batch_size=8 * world, **kw))
+    parts = [list(augment.train_batches(x, y, batch_size=8, rank=r, world_size=world, **kw))
              for r in range(world)]  # fmt: skip
     for i, (_, xb, yb, tb) in enumerate(whole):
         assert torch.equal(xb, torch.cat([p[i][1] for p in parts]))

@@ -26,8 +26,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar10_resnet50 import checkpoint, cli, data, export, fileio, images, inference, predict
+from cifar10_resnet50 import checkpoint, cli, export, fileio, images, inference, predict
 from cifar10_resnet50 import model as M
+from cifar10_resnet50.data import cifar10
+from cifar10_resnet50.data.cifar10 import CLASSES as CIFAR10_CLASSES
 from cifar10_resnet50.errors import UserError
 from corpus import huge_header_png
 
@@ -111,9 +113,9 @@ class _Payload:
 @pytest.mark.parametrize("victim", ["data_batch_1", "batches.meta"])
 def test_a_pickle_payload_in_the_data_folder_never_runs(synthetic_copy, tmp_path, victim):
     marker = tmp_path / "pwned"
-    folder = synthetic_copy / data.BATCH_DIR
+    folder = synthetic_copy / cifar10.BATCH_DIR
     (folder / victim).write_bytes(pickle.dumps({"data": _Payload(marker), "labels": [0]}))
-    for action in (data.verify, data.load):
+    for action in (cifar10.verify, cifar10.load):
         with pytest.raises(UserError, match="not a CIFAR-10 batch.*posix.system|nothing was run"):
             action(synthetic_copy)
     assert not marker.exists()
@@ -140,10 +142,10 @@ def _rewrite(path: Path, **changes) -> None:
     ],
 )
 def test_bad_labels_and_data_name_the_exact_file_and_problem(synthetic_copy, changes, message):
-    path = synthetic_copy / data.BATCH_DIR / "data_batch_3"
+    path = synthetic_copy / cifar10.BATCH_DIR / "data_batch_3"
     _rewrite(path, **changes)
     with pytest.raises(UserError, match=message) as info:
-        data.verify(synthetic_copy)
+        cifar10.verify(synthetic_copy)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
@@ -248,7 +250,7 @@ def test_any_exception_inside_pillow_is_that_images_error(monkeypatch, tiny_chec
 
         monkeypatch.setattr(ImageFile.ImageFile, "load", boom)
         with pytest.raises(images.ImageError) as info:
-            images.decode(good, "x.png")
+            images.decode(good, "x.png", size=32)
         assert info.value.kind == "undecodable" and type(exc).__name__ in str(info.value)
 
 
@@ -313,7 +315,7 @@ def test_fuzzed_files_of_every_format_are_decoded_or_rejected_never_crash():
                 pos = int(rng.integers(0, len(mutant)))
                 mutant[pos:pos] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
             try:
-                out = images.decode(bytes(mutant), f"{fmt}-{i}", max_seconds=2.0)
+                out = images.decode(bytes(mutant), f"{fmt}-{i}", max_seconds=2.0, size=32)
                 assert out.pixels.shape == (32, 32, 3) and out.pixels.dtype == np.uint8
                 outcomes["decoded"] += 1
             except images.ImageError:
@@ -345,7 +347,7 @@ def test_container_entries_are_held_to_the_pixel_limit_before_decoding(monkeypat
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
     with pytest.raises(images.ImageError) as info:
-        images.decode(_ico_holding(huge_header_png(13000, 13000)), "bomb.ico")
+        images.decode(_ico_holding(huge_header_png(13000, 13000)), "bomb.ico", size=32)
     assert info.value.kind == "too_many_pixels" and "169,000,000" in str(info.value)
     assert (13000, 13000) not in decoded
 
@@ -361,9 +363,9 @@ def test_jpeg_with_thousands_of_scans_is_refused_at_the_header():
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (9, 99, 199)).save(buf, "JPEG", progressive=True)
     ok = _repeat_last_scan(buf.getvalue(), 20)
-    assert images.decode(ok, "ok.jpg").pixels.shape == (32, 32, 3)
+    assert images.decode(ok, "ok.jpg", size=32).pixels.shape == (32, 32, 3)
     with pytest.raises(images.ImageError, match="2,0.. scans"):
-        images.decode(_repeat_last_scan(buf.getvalue(), 2000), "scans.jpg")
+        images.decode(_repeat_last_scan(buf.getvalue(), 2000), "scans.jpg", size=32)
 
 
 def test_large_jpegs_decode_in_draft_mode_with_their_true_size(monkeypatch):
@@ -376,7 +378,7 @@ def test_large_jpegs_decode_in_draft_mode_with_their_true_size(monkeypatch):
     loaded = []
     original = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda s: loaded.append(s.size) or original(s))
-    out = images.decode(buf.getvalue(), "big.jpg")
+    out = images.decode(buf.getvalue(), "big.jpg", size=32)
     assert out.original_size == (4000, 3000)
     assert set(loaded) == {(500, 375)}  # libjpeg scaled by 1/8 while decoding: 64× fewer px
     full = Image.fromarray(big).crop((500, 0, 3500, 3000)).resize((32, 32), Image.LANCZOS)
@@ -385,7 +387,7 @@ def test_large_jpegs_decode_in_draft_mode_with_their_true_size(monkeypatch):
 
 def test_the_decode_deadline_stops_a_decoder_at_its_next_read():
     with pytest.raises(images.ImageError) as info:
-        images.decode(_png(np.zeros((64, 64, 3), np.uint8)), "slow.png", max_seconds=0)
+        images.decode(_png(np.zeros((64, 64, 3), np.uint8)), "slow.png", max_seconds=0, size=32)
     assert info.value.kind == "too_slow" and "per-image limit" in str(info.value)
 
 
@@ -502,18 +504,20 @@ def test_writing_to_dev_full_is_one_line():
 
 def test_a_damaged_or_forged_tensor_cache_is_rebuilt_never_used(synthetic_copy, tmp_path, caplog):
     cache_dir = tmp_path / "cache"
-    first = data.load(synthetic_copy, cache_dir)
+    first = cifar10.load(synthetic_copy, cache_dir)
     (cache,) = cache_dir.glob("cifar10-*.pt")
     blob = torch.load(cache, weights_only=True)
     blob["train_x"][0, 0, 0, 0] ^= 0xFF  # one flipped byte, right fingerprint
     torch.save(blob, cache)
-    again = data.load(synthetic_copy, cache_dir)
+    again = cifar10.load(synthetic_copy, cache_dir)
     assert torch.equal(again.train_x, first.train_x) and "damaged" in caplog.text
     forged = torch.load(cache, weights_only=True)
     forged.update(train_x=first.train_x[:10], train_y=first.train_y[:10])
     torch.save(forged, cache)
     caplog.clear()
-    assert len(data.load(synthetic_copy, cache_dir).train_x) == 50000 and "damaged" in caplog.text
+    assert (
+        len(cifar10.load(synthetic_copy, cache_dir).train_x) == 50000 and "damaged" in caplog.text
+    )
 
 
 # ---------------------------------------------------------------- 10. serve logs, no tracebacks
@@ -663,7 +667,7 @@ def _multi_frame(fmt: str) -> bytes:
 
 @pytest.mark.parametrize("fmt", ["GIF", "TIFF", "MPO", "ICO", "ICNS", "PSD", "WEBP", "APNG"])
 def test_multi_frame_formats_use_their_first_real_frame(fmt):
-    px = images.decode(_multi_frame(fmt), f"x.{fmt.lower()}").pixels.astype(int)
+    px = images.decode(_multi_frame(fmt), f"x.{fmt.lower()}", size=32).pixels.astype(int)
     assert px[..., 0].mean() > 180 and px[..., 2].mean() < 40, (fmt, px.mean(axis=(0, 1)))
 
 
@@ -673,4 +677,4 @@ def test_multi_frame_formats_use_their_first_real_frame(fmt):
 def test_model_meta_roundtrip_is_valid():
     from cifar10_resnet50.meta import validate_meta
 
-    assert validate_meta(M.model_meta("none", 32), "x")["num_classes"] == 10
+    assert validate_meta(M.model_meta("none", 32, CIFAR10_CLASSES, 32), "x")["num_classes"] == 10

@@ -58,7 +58,7 @@ def test_api_settings_are_checked_by_name():
     with pytest.raises(UserError, match="--lr must be positive"):
         api.train(lr=-1.0)
     with pytest.raises(UserError, match="expected a path, a PIL image or a uint8 array"):
-        api.Model(predictor=None)._pixels([3.14])
+        api.Model._pixels([3.14], 32)
 
 
 def test_lr_sweep_leaves_model_and_optimizer_exactly_as_they_were():

@@ -8,6 +8,7 @@ import torch
 
 from cifar10_resnet50 import checkpoint, inference, probe, train
 from cifar10_resnet50 import config as C
+from cifar10_resnet50.data import cifar10
 
 
 def _cfg(root, out, **changes):
@@ -63,10 +64,9 @@ def test_changed_data_or_weights_file_never_reuses_features(synthetic_copy, tmp_
 
 def test_a_damaged_feature_cache_is_recomputed(synthetic_root, tmp_path, caplog):
     cache = tmp_path / "features"
-    model = train.model_lib.build("none", 32, progress=False)
-    from cifar10_resnet50 import data
+    model = train.model_lib.build("none", 32, 10, progress=False)
 
-    arrays = data.load(synthetic_root)
+    arrays = cifar10.load(synthetic_root)
     idx = torch.arange(40)
     kw = dict(
         key_parts={"k": 1}, device=torch.device("cpu"), amp_dtype=None, batch_size=20,
@@ -98,7 +98,7 @@ def test_the_probe_checkpoint_is_a_whole_model_for_predict_and_export(
     # ...and a fine-tune starts from its backbone (BatchNorm statistics included), head fresh
     from cifar10_resnet50 import model as M
 
-    tuned = M.build(str(result.best), 32)
+    tuned = M.build(str(result.best), 32, 10)
     probe_state = checkpoint.load(result.best)["model"]
     for k, v in tuned.state_dict().items():
         if k.startswith("net.") and not k.startswith("net.fc."):

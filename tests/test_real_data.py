@@ -4,15 +4,16 @@ import pytest
 import torch
 
 from cifar10_resnet50 import checkpoint, data, evaluate
+from cifar10_resnet50.data import cifar10
 from cifar10_resnet50.runtime import pick_precision
 
 pytestmark = pytest.mark.real_data
 
 
 def test_real_copy_verifies_and_loads(real_root):
-    report = data.verify(real_root)
+    report = cifar10.verify(real_root)
     assert report.kind in ("official", "structure")
-    arrays = data.load(real_root)
+    arrays = cifar10.load(real_root)
     assert arrays.train_x.shape == (50000, 3, 32, 32) and arrays.test_x.shape == (10000, 3, 32, 32)
     assert torch.bincount(arrays.train_y).tolist() == [5000] * 10
     # Real photos, not noise: neighbouring pixels are strongly correlated.
@@ -28,7 +29,7 @@ def test_short_run_from_scratch_learns_well_above_chance(real_root, real_trained
 
     # The saved model reproduces that accuracy on the validation images through evaluate.
     model, meta = checkpoint.load_model(result.best)
-    arrays = data.load(real_root)
+    arrays = cifar10.load(real_root)
     _, val_idx = data.stratified_split(arrays.train_y, 1000, seed=0)
     logits = evaluate.predict_logits(
         model,

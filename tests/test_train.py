@@ -133,7 +133,7 @@ def test_diverging_run_stops_naming_the_step_and_saves_nothing(synthetic_root, t
 def test_linear_probe_trains_only_the_head_and_keeps_batchnorm_statistics(synthetic_root, tmp_path):
     cfg = tiny(synthetic_root, tmp_path / "r", **{"train.strategy": "linear", "train.epochs": 1})
     torch.manual_seed(cfg.train.seed)
-    init = M.build("none", 32, progress=False).state_dict()  # same seed → same initial weights
+    init = M.build("none", 32, 10, progress=False).state_dict()  # same seed → same initial weights
     result = train.run(cfg, final_eval=False)
     after = _state(result.last)["model"]
     for k, v in init.items():
@@ -149,7 +149,7 @@ def test_gradual_freezes_the_backbone_for_the_first_epochs(synthetic_root, tmp_p
     )
     train.run(cfg, final_eval=False, stop_after_steps=4)  # end of epoch 1
     torch.manual_seed(cfg.train.seed)
-    init = M.build("none", 32, progress=False).state_dict()
+    init = M.build("none", 32, 10, progress=False).state_dict()
     mid = _state(tmp_path / "r" / "last.pt")["model"]
     assert torch.equal(mid["net.layer1.0.conv1.weight"], init["net.layer1.0.conv1.weight"])
     assert not torch.equal(mid["net.fc.weight"], init["net.fc.weight"])
@@ -158,7 +158,7 @@ def test_gradual_freezes_the_backbone_for_the_first_epochs(synthetic_root, tmp_p
 
 
 def test_param_groups_put_no_decay_on_norms_and_biases_and_scale_the_backbone_lr():
-    net = M.build("none", 32)
+    net = M.build("none", 32, 10)
     groups = {g["name"]: g for g in train.param_groups(net, 0.1, 0.01, 5e-4)}
     assert groups["head"]["lr"] == 0.1 and groups["backbone"]["lr"] == 0.01
     assert groups["backbone_no_decay"]["weight_decay"] == 0.0

@@ -91,7 +91,9 @@ class Model:
     def meta(self) -> dict[str, Any]:
         return self.predictor.meta
 
-    def _pixels(self, images: Any) -> np.ndarray:
+    @staticmethod
+    def _pixels(images: Any, size: int) -> np.ndarray:
+        """Paths, PIL images or uint8 arrays → uint8 ``[N,size,size,3]`` (the model's input)."""
         from . import images as images_lib
 
         if isinstance(images, np.ndarray) and images.ndim == 4:  # a batch [N,H,W,3]
@@ -103,23 +105,23 @@ class Model:
         decoded = []
         for i, item in enumerate(items):
             if isinstance(item, (str, Path)):
-                decoded.append(images_lib.read_file(item))
+                decoded.append(images_lib.read_file(item, size=size))
             elif isinstance(item, np.ndarray):
-                decoded.append(images_lib.from_array(item, f"array {i}"))
+                decoded.append(images_lib.from_array(item, f"array {i}", size=size))
             elif hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
-                decoded.append(images_lib.from_pil(item, f"image {i}"))
+                decoded.append(images_lib.from_pil(item, f"image {i}", size=size))
             else:
                 raise UserError(
                     f"item {i}: expected a path, a PIL image or a uint8 array, "
                     f"got {type(item).__name__}"
                 )
         if not decoded:
-            return np.zeros((0, 32, 32, 3), np.uint8)
+            return np.zeros((0, size, size, 3), np.uint8)
         return np.stack([d.pixels for d in decoded])
 
     def probabilities(self, images: Any) -> np.ndarray:
         """float32 ``[N, classes]`` for one image or a list/batch of them."""
-        return self.predictor.probabilities(self._pixels(images))
+        return self.predictor.probabilities(self._pixels(images, self.predictor.input_size))
 
     def predict(self, images: Any, top_k: int = 3) -> list[dict[str, Any]]:
         """For each image: ``{"label": top-1 class, "probability": p, "top": [(label, p), ...]}``."""

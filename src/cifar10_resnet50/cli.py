@@ -85,7 +85,8 @@ _SUBPARSERS: dict[str, argparse.ArgumentParser] = {}
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="cifar10-resnet50",
-        description="Fine-tune an ImageNet ResNet-50 on CIFAR-10; evaluate, predict, export, serve.",
+        description="Fine-tune an ImageNet ResNet-50 on CIFAR-10 or a folder of your images; "
+        "evaluate, predict, export, serve.",
         epilog="Exit codes: 0 ok, 1 unexpected failure, 2 bad input, 130 interrupted.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -135,8 +136,9 @@ def _compare_parser(sub: Any) -> None:
 def _data_parsers(sub: Any) -> None:
     d = sub.add_parser(
         "data",
-        help="download, verify or describe CIFAR-10",
-        description="Get and check CIFAR-10 (official archive or a local copy).",
+        help="download or verify CIFAR-10; describe or show any data source",
+        description="Get and check CIFAR-10 (official archive or a local copy); describe or "
+        "show CIFAR-10 or a folder of your images (--data folder:PATH).",
     )
     actions = d.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, text in (
@@ -153,6 +155,19 @@ def _data_parsers(sub: Any) -> None:
         )
         if name == "download":
             a.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name in ("info", "show"):
+            a.add_argument(
+                "--data",
+                default="cifar10",
+                metavar="SOURCE",
+                help="cifar10 (default) or folder:PATH; a folder's report lists what is left out",
+            )
+            a.add_argument(
+                "--store-size",
+                type=_number(int, 16, 1024),
+                metavar="PX",
+                help="folder: stored size (default: the device's default training resolution)",
+            )
         if name == "show":
             a.add_argument(
                 "--out",
@@ -182,8 +197,9 @@ def _data_parsers(sub: Any) -> None:
 def _train_parsers(sub: Any) -> None:
     t = _SUBPARSERS["train"] = sub.add_parser(
         "train",
-        help="fine-tune ResNet-50 on CIFAR-10",
-        description="Fine-tune ResNet-50 on CIFAR-10, then evaluate the best checkpoint on the test set. "
+        help="fine-tune ResNet-50 on CIFAR-10 or a folder of images (--data folder:PATH)",
+        description="Fine-tune ResNet-50 on CIFAR-10 or a folder of your images, then evaluate "
+        "the best checkpoint on the test set. "
         "Defaults: see src/cifar10_resnet50/config.py and the README.",
     )
     t.add_argument(
@@ -223,12 +239,18 @@ def _evaluate_parser(sub: Any) -> None:
         "evaluate",
         help="test-set accuracy with intervals, calibration, confusion matrix, corruptions",
         description="Evaluate a model file (checkpoint, TorchScript or ONNX export) on the "
-        "CIFAR-10 test set; --corruptions adds the CIFAR-10-C sweep.",
+        "test set of the data it was trained on; --corruptions adds the CIFAR-10-C sweep.",
     )
     e.add_argument(
         "checkpoint",
         metavar="MODEL",
         help="a checkpoint (runs/X/best.pt) or an export (.onnx, fp32 or int8; .torchscript.pt)",
+    )
+    e.add_argument(
+        "--data",
+        metavar="SOURCE",
+        help="cifar10 or folder:PATH (default: the data the model was trained on, as its "
+        "metadata records)",
     )
     e.add_argument(
         "--data-dir",
@@ -274,8 +296,9 @@ def _predict_parser(sub: Any) -> None:
     pr = _SUBPARSERS["predict"] = sub.add_parser(
         "predict",
         help="top-k classes for image files, folders or globs",
-        description="Predict CIFAR-10 classes for your images (any format Pillow reads). "
-        "Images that are not 32×32 are centre-cropped to a square and resized to 32×32. "
+        description="Predict the model's classes for your images (any format Pillow reads). "
+        "Images not at the model's input size are centre-cropped to a square and resized to "
+        "it (the policy its training images went through). "
         "Exit codes: 0 all predicted, 2 some files rejected (one line each on stderr) "
         "or bad arguments, 1 other failure.",
     )
@@ -288,7 +311,10 @@ def _predict_parser(sub: Any) -> None:
         "paths", metavar="PATH", nargs="+", help="image files, folders (recursive) or glob patterns"
     )
     pr.add_argument(
-        "--top-k", type=POSITIVE_INT, default=3, help="default 3; more than 10 shows all 10"
+        "--top-k",
+        type=POSITIVE_INT,
+        default=3,
+        help="default 3; more than the model's classes shows them all",
     )
     pr.add_argument(
         "--format", choices=("table", "json", "csv"), default="table", help="default table"
@@ -307,8 +333,9 @@ def _export_parser(sub: Any) -> None:
         "export",
         help="TorchScript or ONNX export with a parity check",
         description="Export a checkpoint with preprocessing and softmax inside (input: uint8 "
-        "[B,3,32,32], dynamic batch; output: probabilities), then compare it with the "
-        "eager model on CIFAR-10 test images. Exit 1 if the parity check fails.",
+        "[B,3,S,S] at the model's input size S, dynamic batch; output: probabilities), then "
+        "compare it with the eager model on test images of its data. Exit 1 if the parity "
+        "check fails.",
     )
     x.add_argument("checkpoint", metavar="CHECKPOINT")
     x.add_argument(
@@ -328,7 +355,9 @@ def _export_parser(sub: Any) -> None:
         help="default: beside the checkpoint (.torchscript.pt, .onnx, .int8.onnx)",
     )
     x.add_argument(
-        "--data-dir", metavar="DIR", help="CIFAR-10 for the parity check and calibration"
+        "--data-dir",
+        metavar="DIR",
+        help="CIFAR-10 for the parity check and calibration (a folder model uses its folder)",
     )
     x.add_argument(
         "--parity-images",
@@ -430,43 +459,55 @@ def _train_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.action in ("download", "verify"):
+        from .data import cifar10
+
+        root = cifar10.resolve_data_dir(args.data_dir)
+        if args.action == "download":
+            cifar10.download(root, progress=not args.no_progress)
+        print(cifar10.verify(root).describe())
+        return EXIT_OK
     from . import data
 
-    root = data.resolve_data_dir(args.data_dir)
-    if args.action == "download":
-        data.download(root, progress=not args.no_progress)
-        print(data.verify(root).describe())
-    elif args.action == "verify":
-        print(data.verify(root).describe())
-    elif args.action == "show":
-        from . import plots
-        from .fileio import prepare_output
+    data.check(args.data, args.data_dir)
+    store_size = args.store_size
+    if args.data != "cifar10" and store_size is None:
+        import torch
 
-        prepare_output(args.out, [], "--out")
-        arrays = data.load(root)
-        images, titles = data.sample_batch(
-            arrays,
-            n=args.n,
-            seed=args.seed,
-            padding=args.crop_padding,
-            flip=not args.no_flip,
-            mixup=args.mixup,
-            cutmix=args.cutmix,
-        )
-        plots.grid_png(images, titles, args.out)
-        print(f"{len(images)} augmented training images → {args.out}")
-    else:
-        arrays = data.load(root)
-        print(f"location    {root / data.BATCH_DIR}")
-        print(
-            f"train       {tuple(arrays.train_x.shape)} uint8, labels {tuple(arrays.train_y.shape)}"
-        )
-        print(
-            f"test        {tuple(arrays.test_x.shape)} uint8, labels {tuple(arrays.test_y.shape)}"
-        )
-        print(f"classes     {', '.join(arrays.classes)}")
-        print(f"cache       {data.user_cache_dir() / 'tensors'}")
+        from .config import default_image_size
+
+        store_size = default_image_size("cuda" if torch.cuda.is_available() else "cpu")
+    arrays = data.load(args.data, data_dir=args.data_dir, store_size=store_size, download=False)
+    if args.action == "show":
+        _show(args, arrays)
+        return EXIT_OK
+    print(f"source      {arrays.source}")
+    print(f"train       {tuple(arrays.train_x.shape)} uint8, labels {tuple(arrays.train_y.shape)}")
+    print(f"test        {tuple(arrays.test_x.shape)} uint8, labels {tuple(arrays.test_y.shape)}")
+    print(f"classes     {len(arrays.classes)}: {', '.join(arrays.classes)}")
+    print(f"cache       {data.user_cache_dir() / 'tensors'}")
+    for line in arrays.left_out:
+        print(f"left out    {line}")
     return EXIT_OK
+
+
+def _show(args: argparse.Namespace, arrays: Any) -> None:
+    from . import plots
+    from .data import augment
+    from .fileio import prepare_output
+
+    prepare_output(args.out, [], "--out")
+    images, titles = augment.sample_batch(
+        arrays,
+        n=args.n,
+        seed=args.seed,
+        padding=args.crop_padding,
+        flip=not args.no_flip,
+        mixup=args.mixup,
+        cutmix=args.cutmix,
+    )
+    plots.grid_png(images, titles, args.out)
+    print(f"{len(images)} augmented training images → {args.out}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -515,6 +556,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = api.evaluate(
         args.checkpoint,
+        data_source=args.data,
         data_dir=args.data_dir,
         out_dir=args.out,
         device=args.device,

@@ -19,19 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-
-CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+from .meta import IMAGE_SIZE_RANGE
 
 WEIGHTS = ("imagenet", "imagenet-v1", "none")
 STRATEGIES = ("full", "linear", "gradual")
@@ -51,6 +39,13 @@ def setting(default: Any, flag: str | None = None, help: str = "", **argparse: A
 
 @dataclass(frozen=True)
 class DataConfig:
+    source: str = setting(
+        "cifar10",
+        "--data",
+        "cifar10, or folder:PATH for your own images (PATH/<class>/*.jpg, or PATH/train/ and "
+        "PATH/test/ [and PATH/val/] of that shape)",
+        metavar="SOURCE",
+    )
     data_dir: str | None = setting(
         None,
         "--data-dir",
@@ -59,11 +54,32 @@ class DataConfig:
     )
     # Download the official archive when the folder has no data (md5-verified, never silent).
     download: bool = setting(True, "--no-download", "fail instead of downloading CIFAR-10")
-    # Stratified, seeded hold-out from the 50,000 training images, used for model selection.
-    val_size: int = setting(
-        5000,
+    # Images are stored at the model's resolution: every pixel the model will see is kept, and
+    # nothing more (10,000 photos at 160 px are 768 MB of uint8 on the device).
+    store_size: int | None = setting(
+        None,
+        "--store-size",
+        "folder: images are stored PX×PX (centred square, Lanczos), the model's input size "
+        "(default --image-size, else the device's default resolution)",
+        metavar="PX",
+    )
+    # Held out with a fixed seed, so it is the same test set for every run on that content.
+    test_size: int | None = setting(
+        None,
+        "--test-size",
+        "folder without test/: images held out as the test set (stratified, fixed seed; "
+        "default a tenth)",
+        metavar="N",
+    )
+    strict: bool = setting(
+        False, "--strict", "folder: stop at a bad file or class instead of leaving it out"
+    )
+    # Stratified, seeded hold-out from the training images, used for model selection.
+    val_size: int | None = setting(
+        None,
         "--val-size",
-        "stratified validation hold-out for choosing best.pt; 0 = none",
+        "stratified validation hold-out for choosing best.pt (default a tenth of the training "
+        "images: 5,000 for CIFAR-10); 0 = none",
         metavar="N",
     )
     subset: int | None = setting(
@@ -85,7 +101,7 @@ class ModelConfig:
     image_size: int | None = setting(
         None,
         "--image-size",
-        "resolution the 32 px images are resized to inside the model (default: 160 on a GPU, "
+        "resolution the stored images are resized to inside the model (default: 160 on a GPU, "
         "64 on a CPU)",
         metavar="PX",
     )
@@ -130,7 +146,10 @@ class OptimConfig:
 class AugmentConfig:
     # The standard CIFAR recipe, batched on the device.
     crop_padding: int = setting(
-        4, "--crop-padding", "random-crop padding at 32 px; 0 = off", metavar="PX"
+        4,
+        "--crop-padding",
+        "random-crop padding in pixels of a 32 px image (scaled with the stored size); 0 = off",
+        metavar="PX",
     )
     flip: bool = setting(True, "--no-flip", "no random horizontal flips")
     # BiT uses mixup 0.1 on CIFAR-10.
@@ -518,7 +537,21 @@ def validate(cfg: Config) -> None:
     check(o.backbone_lr_scale > 0, "--backbone-lr-scale must be positive")
     check(0 <= a.crop_padding <= 16, "--crop-padding must be in 0..16")
     check(a.mixup >= 0 and a.cutmix >= 0, "--mixup/--cutmix alpha must be 0 (off) or positive")
-    check(0 <= d.val_size < 50000, "--val-size must be in 0..49999")
+    check(d.val_size is None or d.val_size >= 0, "--val-size must be 0 or more")
+    check(d.test_size is None or d.test_size >= 1, "--test-size must be at least 1")
+    check(
+        d.store_size is None or IMAGE_SIZE_RANGE[0] <= d.store_size <= IMAGE_SIZE_RANGE[1],
+        f"--store-size must be in {IMAGE_SIZE_RANGE[0]}..{IMAGE_SIZE_RANGE[1]}",
+    )
+    check(
+        d.source == "cifar10" or d.source.startswith("folder:"),
+        f"--data {d.source!r}: use cifar10 or folder:PATH (a folder of images)",
+    )
+    check(
+        d.source.startswith("folder:")
+        or (d.store_size, d.test_size, d.strict) == (None, None, False),
+        "--store-size, --test-size and --strict are for --data folder:PATH",
+    )
     check(d.subset is None or d.subset >= 1, "--subset must be at least 1")
     check(t.threads is None or t.threads >= 1, "--threads must be at least 1")
     check(
@@ -539,12 +572,20 @@ def scaled_lr(optimizer: str, global_batch: int) -> float:
     return 0.1 * ratio if optimizer == "sgd" else 1e-3 * ratio**0.5
 
 
+def default_image_size(device_type: str) -> int:
+    return 160 if device_type == "cuda" else 64
+
+
 def resolve(cfg: Config, device_type: str, world_size: int = 1) -> Config:
     """Fill every "auto" (None) field for ``device_type`` ("cuda" or "cpu") and the number
     of processes (the learning rate follows the global batch)."""
     gpu = device_type == "cuda"
     sgd = cfg.optim.optimizer == "sgd"
-    model = dataclasses.replace(cfg.model, image_size=cfg.model.image_size or (160 if gpu else 64))
+    size = cfg.model.image_size or default_image_size(device_type)
+    model = dataclasses.replace(cfg.model, image_size=size)
+    data = cfg.data
+    if data.source != "cifar10" and data.store_size is None:
+        data = dataclasses.replace(data, store_size=model.image_size)
     batch = cfg.train.batch_size or (512 if gpu else 128)
     optim = dataclasses.replace(
         cfg.optim,
@@ -569,7 +610,7 @@ def resolve(cfg: Config, device_type: str, world_size: int = 1) -> Config:
             f"--freeze-epochs {train.freeze_epochs} leaves no epoch to unfreeze in "
             f"{train.epochs}; lower it below --epochs, or use --strategy linear"
         )
-    return dataclasses.replace(cfg, model=model, optim=optim, train=train)
+    return dataclasses.replace(cfg, data=data, model=model, optim=optim, train=train)
 
 
 def flags_markdown() -> str:

@@ -162,7 +162,8 @@ def most_confused(confusion: list[list[int]], classes: list[str], k: int = 5) ->
 def run(
     model_path: str | Path,
     *,
-    data_dir: str | Path | None = None,
+    data_source: str | None = None,
+    data_dir: str | None = None,
     out_dir: str | Path | None = None,
     device: str = "auto",
     precision: str = "auto",
@@ -176,7 +177,8 @@ def run(
     progress: bool = True,
 ) -> EvalReport:
     """Evaluate a model file — a checkpoint, or a TorchScript/ONNX (fp32 or int8) export — on
-    the CIFAR-10 test set and write the reports (see :func:`evaluate_model`); with
+    the test set of the data it was trained on (or ``data_source``) and write the reports (see
+    :func:`evaluate_model`); with
     ``corruptions``, also the CIFAR-10-C sweep (``robustness.json``, ``robustness.png``)."""
     from . import inference
 
@@ -198,7 +200,9 @@ def run(
     for name in OUTPUTS + (ROBUSTNESS_OUTPUTS if corruptions else ()):
         check_not_input(out / name, [model_path])
     ensure_writable_dir(out)
-    arrays = data.load(data.resolve_data_dir(data_dir))
+    arrays = data.for_model(meta, data_source, data_dir, progress)
+    if corruptions and arrays.source != "cifar10":
+        raise UserError("--corruptions is CIFAR-10-C: its parameters are for CIFAR-10's images")
     kwargs = dict(device=dev, amp_dtype=amp, batch_size=batch_size)
     report = evaluate_model(
         model, list(meta["classes"]), arrays.test_x, arrays.test_y, out_dir=out,

@@ -1,9 +1,10 @@
 """The ``export`` command: TorchScript or ONNX (optionally int8), with a parity check.
 
-Exports take uint8 RGB ``[B,3,32,32]`` (dynamic batch) and return softmax probabilities
-``float32 [B,C]``; preprocessing is inside. Model facts travel inside the file (TorchScript:
-``meta.json`` extra file; ONNX: the ``cifar10_resnet50`` metadata property). After writing, the
-export is compared with the eager model on real test images. No training code is imported.
+Exports take uint8 RGB ``[B,3,S,S]`` (``S``: the model's ``input_size``; dynamic batch) and
+return softmax probabilities ``float32 [B,C]``; preprocessing is inside. Model facts travel
+inside the file (TorchScript: ``meta.json`` extra file; ONNX: the ``cifar10_resnet50``
+metadata property). After writing, the export is compared with the eager model on real test
+images of the model's data. No training code is imported.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ ONNX_OPSET = 17
 
 
 class WithSoftmax(nn.Module):
-    """uint8 ``[B,3,32,32]`` → probabilities ``float32 [B,C]``."""
+    """uint8 ``[B,3,S,S]`` → probabilities ``float32 [B,C]``."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -88,21 +89,28 @@ class ExportReport:
 
 
 def _reference_images(
-    data_dir: str | Path | None, n: int
+    meta: dict[str, Any], data_dir: str | Path | None, n: int
 ) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """First ``n`` CIFAR-10 test images (uint8 [N,3,32,32]) and labels, or random pixels."""
+    """The first ``n`` test images of the model's data (uint8 [N,3,S,S]) and labels, or random
+    pixels of the model's input size when that data is not here."""
     try:
-        arrays = data.load(data.resolve_data_dir(data_dir))
+        arrays = data.for_model(meta, data_dir=data_dir, progress=False)
     except UserError as e:
-        log.warning("no CIFAR-10 for the parity check (%s); using random images", e)
+        log.warning("no test images for the parity check (%s); using random images", e)
         rng = np.random.default_rng(0)
-        return rng.integers(0, 256, (min(n, 256), 3, 32, 32), dtype=np.uint8), None, "random images"
+        size = meta["input_size"]
+        return (
+            rng.integers(0, 256, (min(n, 256), 3, size, size), dtype=np.uint8),
+            None,
+            "random images",
+        )
     n = len(arrays.test_x) if n <= 0 else min(n, len(arrays.test_x))
-    return arrays.test_x[:n].numpy(), arrays.test_y[:n].numpy(), "CIFAR-10 test images"
+    what = f"{data.label(arrays.source)} test images"
+    return arrays.test_x[:n].numpy(), arrays.test_y[:n].numpy(), what
 
 
-def _train_images(data_dir: str | Path | None, n: int) -> np.ndarray:
-    arrays = data.load(data.resolve_data_dir(data_dir))
+def _train_images(meta: dict[str, Any], data_dir: str | Path | None, n: int) -> np.ndarray:
+    arrays = data.for_model(meta, data_dir=data_dir, progress=False)
     idx = torch.randperm(len(arrays.train_x), generator=torch.Generator().manual_seed(0))[:n]
     return arrays.train_x[idx].numpy()
 
@@ -122,10 +130,16 @@ def _rate(run, x: np.ndarray, batch: int = 64, repeats: int = 5) -> float:
     return len(xb) / float(np.median(times))
 
 
+def _example(meta: dict[str, Any]) -> torch.Tensor:
+    """A batch of the model's input shape, to trace with (the batch axis is dynamic)."""
+    size = meta["input_size"]
+    return torch.zeros(2, 3, size, size, dtype=torch.uint8)
+
+
 def _write_torchscript(wrapper: nn.Module, meta: dict[str, Any], out: Path) -> None:
-    example = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    example = _example(meta)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the fixed 32 px branch
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the fixed input-size branch
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
         traced = torch.jit.trace(wrapper, example)
         buf = io.BytesIO()
@@ -137,7 +151,7 @@ def _onnx_proto(wrapper: nn.Module, meta: dict[str, Any]) -> Any:
     """The fp32 graph with our metadata, built in memory (nothing on disk to leave behind)."""
     import onnx
 
-    example = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    example = _example(meta)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter, not for users
@@ -251,13 +265,13 @@ def run(
         fp32_bytes = _onnx_proto(wrapper, export_meta).SerializeToString()
         with temp_dir_beside(out_path) as scratch:
             (scratch / "fp32.onnx").write_bytes(fp32_bytes)
-            calibration = _train_images(data_dir, calibration_images)
+            calibration = _train_images(meta, data_dir, calibration_images)
             _quantize_int8(scratch / "fp32.onnx", out_path, calibration, export_meta)
 
     # ---- parity against the eager fp32 model
     if parity_images is None:
         parity_images = 0 if int8 else 1000  # 0 = all
-    images, labels, source = _reference_images(data_dir, parity_images)
+    images, labels, source = _reference_images(meta, data_dir, parity_images)
 
     @torch.no_grad()
     def eager(batch: np.ndarray) -> np.ndarray:

@@ -1,6 +1,8 @@
-"""Decoding user images safely into the model's input: uint8 RGB 32×32.
+"""Decoding user images safely into the model's input: uint8 RGB ``size``×``size``, where
+``size`` is the model's input size (from its metadata; a folder dataset's stored size).
 
-Shared by ``predict`` and ``serve``. Every failure is an :class:`ImageError` whose ``kind``
+Shared by ``predict``, ``serve`` and the folder data source (which decodes a whole folder in
+worker processes through :func:`decode_files`). Every failure is an :class:`ImageError` whose ``kind``
 says what went wrong (the server maps kinds to HTTP status codes, ``predict`` to one line on
 stderr). *Any* exception while decoding one image is that image's error: Pillow and its
 plugins raise far more than their documented types (``struct.error`` from a damaged EXIF
@@ -14,17 +16,17 @@ Costs are bounded before they are paid (a hostile file should cost milliseconds)
   PNG) is refused when its own header is read, not after it is decoded;
 * JPEG: at most :data:`MAX_JPEG_SCANS` scans (a progressive JPEG repeating one scan 10,000
   times took 137 s of CPU), and decoded in Pillow's reduced-size draft mode (libjpeg scales by
-  1/2–1/8 during the IDCT: we only need 32 px, so a 12 MP photo decodes ~10× faster);
+  1/2–1/8 during the IDCT: we only need ``size`` px, so a 12 MP photo decodes ~10× faster
+  for a small input);
 * time: reads of the file go through a reader that checks a per-image deadline, so any decoder
   that reads as it decodes (PNG, JPEG, GIF, WebP, containers) stops at the deadline;
 * formats: everything Pillow reads except EPS, which Pillow renders by running Ghostscript on
   the file (code from the image, in effect).
 
-Resize policy for images that are not 32×32: the model learned from 32×32 CIFAR-10 photos
-(upsampled inside the model), so a user's image is first brought to that same form — the
-largest centred square is cropped (CIFAR-10 objects are centred and square), then resized to
-32×32 with Pillow's antialiasing Lanczos filter (a plain resize of a large photo would alias).
-32×32 inputs pass through untouched.
+Resize policy (for training folders and for predictions alike, so both see the same form):
+the largest centred square is cropped (the shorter side, centred), then resized to
+``size``×``size`` with Pillow's antialiasing Lanczos filter (a plain resize of a large photo
+would alias). Images already ``size``×``size`` pass through untouched.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import numpy as np
 from .config import MAX_DECODE_SECONDS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from .errors import UserError, first_line
 
-SIZE = 32
 MAX_PIXELS = MAX_IMAGE_PIXELS
 MAX_BYTES = MAX_IMAGE_BYTES
 # Progressive JPEGs from libjpeg/mozjpeg have 10–20 scans; 100 leaves room for any encoder
@@ -77,7 +78,7 @@ class ImageError(UserError):
 
 @dataclass(frozen=True)
 class Decoded:
-    pixels: np.ndarray  # uint8 [32,32,3] RGB
+    pixels: np.ndarray  # uint8 [S,S,3] RGB, S the requested size
     original_size: tuple[int, int]  # (width, height) after EXIF orientation
     format: str
 
@@ -144,11 +145,12 @@ def _to_rgb(im) -> Image.Image:  # noqa: F821 (PIL imported lazily)
     return im.convert("RGB")
 
 
-def _center_square_32(im: Any) -> np.ndarray:
+def _center_square(im: Any, size: int) -> np.ndarray:
+    """PIL RGB image → uint8 ``[size,size,3]``: centred square, Lanczos."""
     from PIL import Image
 
     w, h = im.size
-    if (w, h) != (SIZE, SIZE):
+    if (w, h) != (size, size):
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         box = (left, top, left + side, top + side)
@@ -156,9 +158,9 @@ def _center_square_32(im: Any) -> np.ndarray:
         # reads only inside the box: no copy of the crop, nothing from outside it), then
         # Lanczos for the last ≥ 3×: what Pillow's reducing_gap=3 does, 0.1 s instead of
         # 0.85 s for a 6000 px square, pixels within ±1 of a plain Lanczos.
-        factor = side // (3 * SIZE)
+        factor = side // (3 * size)
         im = im.reduce(factor, box=box) if factor >= 2 else im.crop(box)
-        im = im.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+        im = im.resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(im, dtype=np.uint8).copy()
 
 
@@ -168,14 +170,14 @@ def _jpeg_scans(data: bytes) -> int:
     return data.count(b"\xff\xda")
 
 
-def _smallest_adequate_entry(im: Any) -> None:
-    """ICO/ICNS hold several sizes; decode the smallest one that still has ≥ 32 px a side
-    (cheaper, and what a 32 px model needs), not the largest."""
+def _smallest_adequate_entry(im: Any, size: int) -> None:
+    """ICO/ICNS hold several sizes; decode the smallest one that still has ≥ ``size`` px a
+    side (cheaper, and all the model needs), not the largest."""
     try:
         sizes = sorted(im.info.get("sizes") or (), key=lambda s: s[0] * s[1])
-        for size in sizes:
-            if min(size[0], size[1]) >= SIZE:
-                im.size = tuple(size[:2])
+        for entry in sizes:
+            if min(entry[0], entry[1]) >= size:
+                im.size = tuple(entry[:2])
                 return
     except Exception:  # a size Pillow will not pick: keep its default (still bounded)
         return
@@ -231,7 +233,7 @@ def _open(data: bytes, name: str, max_pixels: int, deadline: float) -> Any:
     return im
 
 
-def _decode_opened(im: Any, name: str, max_pixels: int) -> Decoded:
+def _decode_opened(im: Any, name: str, max_pixels: int, size: int) -> Decoded:
     from PIL import ImageOps
 
     w, h = im.size
@@ -241,9 +243,9 @@ def _decode_opened(im: Any, name: str, max_pixels: int) -> Decoded:
         raise ImageError("undecodable", f"{name}: image has no pixels ({w}×{h})")
     fmt = im.format or "unknown"
     if fmt in ("ICO", "ICNS"):
-        _smallest_adequate_entry(im)
+        _smallest_adequate_entry(im, size)
     if fmt in ("JPEG", "MPO"):
-        im.draft(None, (2 * SIZE, 2 * SIZE))  # shorter side ≥ 64 px: Lanczos still has input
+        im.draft(None, (2 * size, 2 * size))  # shorter side ≥ 2×size: Lanczos has input
     im.decodermaxblock = _READ_BLOCK
     # A freshly opened file is at its first real frame (a PSD's is numbered 1, not 0): no seek.
     im.load()  # decode now, so truncation and CRC errors surface here
@@ -251,21 +253,22 @@ def _decode_opened(im: Any, name: str, max_pixels: int) -> Decoded:
         raise _refuse_pixels(name, im.size[0] * im.size[1], max_pixels)
     ImageOps.exif_transpose(im, in_place=True)  # camera orientation, as viewers show it
     rgb = _to_rgb(im)
-    size = rgb.size
-    if fmt in ("JPEG", "MPO") and size != (w, h) and size != (h, w):
+    shape = rgb.size
+    if fmt in ("JPEG", "MPO") and shape != (w, h) and shape != (h, w):
         # draft mode decoded at 1/k scale: report the file's true size, oriented.
-        size = (w, h) if (rgb.size[0] >= rgb.size[1]) == (w >= h) else (h, w)
-    return Decoded(_center_square_32(rgb), size, fmt)
+        shape = (w, h) if (rgb.size[0] >= rgb.size[1]) == (w >= h) else (h, w)
+    return Decoded(_center_square(rgb, size), shape, fmt)
 
 
 def decode(
     data: bytes,
     name: str = "image",
     *,
+    size: int,
     max_pixels: int = MAX_PIXELS,
     max_seconds: float = MAX_DECODE_SECONDS,
 ) -> Decoded:
-    """Bytes of any image Pillow reads → uint8 ``[32,32,3]``; raise :class:`ImageError`."""
+    """Bytes of any image Pillow reads → uint8 ``[size,size,3]``; raise :class:`ImageError`."""
     from PIL import Image
 
     if not data:
@@ -276,7 +279,7 @@ def decode(
         im = _open(data, name, max_pixels, deadline)
         fmt = im.format or fmt
         with im:
-            return _decode_opened(im, name, max_pixels)
+            return _decode_opened(im, name, max_pixels, size)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -295,20 +298,20 @@ def decode(
         ) from None
 
 
-def from_pil(im: Any, name: str = "image") -> Decoded:
-    """An in-memory PIL image → the same 32×32 RGB form as a decoded file (EXIF orientation,
-    mode conversion, centre square, Lanczos)."""
+def from_pil(im: Any, name: str = "image", *, size: int) -> Decoded:
+    """An in-memory PIL image → the same ``size``×``size`` RGB form as a decoded file (EXIF
+    orientation, mode conversion, centre square, Lanczos)."""
     from PIL import ImageOps
 
     im = ImageOps.exif_transpose(im)
     if im.size[0] < 1 or im.size[1] < 1:
         raise ImageError("undecodable", f"{name}: image has no pixels")
     rgb = _to_rgb(im)
-    return Decoded(_center_square_32(rgb), rgb.size, im.format or "PIL")
+    return Decoded(_center_square(rgb, size), rgb.size, im.format or "PIL")
 
 
-def from_array(array: np.ndarray, name: str = "array") -> Decoded:
-    """uint8 ``[H,W,3]`` RGB (or ``[H,W]`` grey) → the same 32×32 RGB form."""
+def from_array(array: np.ndarray, name: str = "array", *, size: int) -> Decoded:
+    """uint8 ``[H,W,3]`` RGB (or ``[H,W]`` grey) → the same ``size``×``size`` RGB form."""
     from PIL import Image
 
     a = np.asarray(array)
@@ -318,7 +321,7 @@ def from_array(array: np.ndarray, name: str = "array") -> Decoded:
             f"{name}: expected uint8 [H,W,3] (RGB), [H,W,4] (RGBA) or [H,W] (grey), "
             f"got {a.dtype} {list(a.shape)}",
         )
-    return from_pil(Image.fromarray(a), name)
+    return from_pil(Image.fromarray(a), name, size=size)
 
 
 def header_pixels(data: bytes, max_pixels: int = MAX_PIXELS) -> int:
@@ -335,6 +338,8 @@ def header_pixels(data: bytes, max_pixels: int = MAX_PIXELS) -> int:
 def read_file(
     path,
     *,
+    size: int,
+    name: str | None = None,
     max_bytes: int = MAX_BYTES,
     max_pixels: int = MAX_PIXELS,
     max_seconds: float = MAX_DECODE_SECONDS,
@@ -343,12 +348,12 @@ def read_file(
     from pathlib import Path
 
     path = Path(path)
-    name = printable(str(path))
+    name = printable(str(path) if name is None else name)
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
+        nbytes = path.stat().st_size
+        if nbytes > max_bytes:
             raise ImageError(
-                "too_large", f"{name}: {size:,} bytes exceeds the limit of {max_bytes:,}"
+                "too_large", f"{name}: {nbytes:,} bytes exceeds the limit of {max_bytes:,}"
             )
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)  # a file growing meanwhile is still bounded
@@ -356,7 +361,24 @@ def read_file(
             raise ImageError("too_large", f"{name}: more than {max_bytes:,} bytes")
     except OSError as e:
         raise ImageError("unreadable", f"{name}: cannot read ({e.strerror or e})") from None
-    return decode(data, name, max_pixels=max_pixels, max_seconds=max_seconds)
+    return decode(data, name, size=size, max_pixels=max_pixels, max_seconds=max_seconds)
+
+
+def decode_files(root: str, names: list[str], size: int) -> tuple[np.ndarray, list[str]]:
+    """Read and decode ``root/name`` for each name (a worker process's share of a folder):
+    uint8 ``[n,size,size,3]`` (zeros where a file failed) and, per file, "" or the reason it
+    failed. Top-level and torch-free, so a spawned worker imports only numpy and Pillow."""
+    from pathlib import Path
+
+    out = np.zeros((len(names), size, size, 3), np.uint8)
+    errors = []
+    for i, name in enumerate(names):
+        try:
+            out[i] = read_file(Path(root) / name, size=size, name=name).pixels
+            errors.append("")
+        except ImageError as e:
+            errors.append(str(e))
+    return out, errors
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")

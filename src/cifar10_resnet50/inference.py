@@ -6,7 +6,7 @@ It reads three kinds of model file, all taking uint8 RGB images:
 * a TorchScript export (``*.torchscript.pt``): preprocessing and softmax inside;
 * an ONNX export (``*.onnx``): run by ONNX Runtime, fp32 or int8.
 
-Model facts (class names, image size, weights used) come from inside each file. This module
+Model facts (class names, input and image size, weights used) come from inside each file. This module
 imports no training code.
 """
 
@@ -48,18 +48,24 @@ def detect_backend(path: Path) -> str:
 
 @dataclass
 class Predictor:
-    """``probabilities(images)``: uint8 ``[N,32,32,3]`` RGB → float32 ``[N,C]``."""
+    """``probabilities(images)``: uint8 ``[N,S,S,3]`` RGB (``S``: :attr:`input_size`) →
+    float32 ``[N,C]``."""
 
     backend: str
     path: Path
     meta: dict[str, Any]
-    run: Callable[[np.ndarray], np.ndarray]  # uint8 [B,3,32,32] → float32 probs [B,C]
+    run: Callable[[np.ndarray], np.ndarray]  # uint8 [B,3,S,S] → float32 probs [B,C]
     batch_size: int = 64
     precision: str = "fp32"
 
     @property
     def classes(self) -> list[str]:
         return list(self.meta["classes"])
+
+    @property
+    def input_size(self) -> int:
+        """Pixels a side of the images the model takes (decode user images to this size)."""
+        return int(self.meta["input_size"])
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -135,7 +141,7 @@ def _probe(predictor: Predictor) -> None:
     the size the metadata names. Catches NaN weights in exports, a head that disagrees with
     the class list, and graphs that fail at run time, at load rather than per request."""
     n = len(predictor.meta["classes"])
-    images = np.zeros((2, 32, 32, 3), np.uint8)
+    images = np.zeros((2, predictor.input_size, predictor.input_size, 3), np.uint8)
     images[1] = 255
     try:
         probs = predictor.probabilities(images)

@@ -25,10 +25,18 @@ import torch.nn.functional as F
 from . import data
 from . import model as model_lib
 from .config import Config, resolve
+from .data import augment
 from .errors import UserError
 from .fileio import ensure_writable_dir, write_json
 from .runtime import autocast, pick_device, pick_precision
-from .train import frozen_at, make_optimizer, param_groups, set_backbone_frozen, set_train_mode
+from .train import (
+    frozen_at,
+    load_data,
+    make_optimizer,
+    param_groups,
+    set_backbone_frozen,
+    set_train_mode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,22 +133,21 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
     return lrs[i_min] / 10, steep
 
 
-def _batches(cfg: Config, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    cfg: Config, arrays: data.Arrays, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The run's augmented training batches, epoch after epoch."""
-    root = data.resolve_data_dir(cfg.data.data_dir)
-    data.check_download_target(root, explicit=cfg.data.data_dir is not None)
-    if not data.is_present(root) and cfg.data.download:
-        data.download(root, progress=cfg.train.progress)
-    arrays = data.load(root)
-    train_idx, _ = data.stratified_split(arrays.train_y, cfg.data.val_size, cfg.train.seed)
-    if cfg.data.subset is not None:
-        train_idx = train_idx[: cfg.data.subset]
+    d = cfg.data
+    train_idx, _ = arrays.split(d.val_size, cfg.train.seed)
+    if d.subset is not None:
+        train_idx = train_idx[: d.subset]
     x, y = arrays.train_x[train_idx].to(device), arrays.train_y[train_idx].to(device)
-    if data.steps_per_epoch(len(x), cfg.train.batch_size) == 0:
+    if augment.steps_per_epoch(len(x), cfg.train.batch_size) == 0:
         raise UserError(f"{len(x)} images make no batch of {cfg.train.batch_size}")
+    num_classes = len(arrays.classes)
     epoch = 0
     while True:
-        for _, xb, yb, _ in data.train_batches(
+        for _, xb, yb, _ in augment.train_batches(
             x,
             y,
             batch_size=cfg.train.batch_size,
@@ -148,6 +155,7 @@ def _batches(cfg: Config, device: torch.device) -> Iterator[tuple[torch.Tensor, 
             epoch=epoch,
             padding=cfg.augment.crop_padding,
             flip=cfg.augment.flip,
+            num_classes=num_classes,
         ):
             if cfg.train.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -171,8 +179,13 @@ def run(
         torch.set_num_threads(t.threads)
     out = Path(out_dir) if out_dir else Path(t.out or "runs") / "lr_find"
     torch.manual_seed(t.seed)
-    model = model_lib.build(cfg.model.weights, cfg.model.image_size, progress=t.progress)
-    batches = _batches(cfg, device)
+    data.check(cfg.data.source, cfg.data.data_dir)
+    backbone = model_lib.backbone_weights(cfg.model.weights, progress=t.progress)
+    arrays = load_data(cfg, progress=t.progress)
+    model = model_lib.build(
+        cfg.model.weights, cfg.model.image_size, len(arrays.classes), backbone=backbone
+    )
+    batches = _batches(cfg, arrays, device)
     model = model.to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -18,6 +18,8 @@ from .errors import UserError
 
 MAX_CLASSES = 100_000
 IMAGE_SIZE_RANGE = (16, 1024)
+# Files written before models took other input sizes were all CIFAR-10 models: uint8 32×32.
+LEGACY_INPUT_SIZE = 32
 
 
 def validate_meta(meta: Any, source: str) -> dict[str, Any]:
@@ -57,6 +59,13 @@ def validate_meta(meta: Any, source: str) -> dict[str, Any]:
             raise fail(f"'{key}' is {v!r}; it must be 3 finite numbers")
     if any(x <= 0 for x in meta["std"]):
         raise fail("'std' must be positive")
+    meta.setdefault("input_size", LEGACY_INPUT_SIZE)
+    size = meta["input_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or not low <= size <= high:
+        raise fail(f"'input_size' is {size!r}; it must be a whole number from {low} to {high}")
+    data = meta.get("data")
+    if data is not None and not (isinstance(data, dict) and isinstance(data.get("source"), str)):
+        raise fail("'data' does not name a data source")
     t = meta.get("temperature", 1.0)
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
         raise fail(f"'temperature' is {t!r}; it must be a positive number")

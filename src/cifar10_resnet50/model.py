@@ -17,7 +17,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .config import CLASSES
 from .errors import UserError, first_line
 from .fileio import file_digest
 
@@ -165,22 +164,31 @@ def describe_weights(spec: str) -> str:
     return f"file {Path(spec).name}"
 
 
+def backbone_weights(weights: str, progress: bool = True) -> dict[str, torch.Tensor] | None:
+    """The backbone's state dict for ``weights`` (downloaded or read and checked), or None for
+    random init. Separate from :func:`build` so a run fails on missing weights in seconds,
+    before it spends minutes on data."""
+    if weights == "none":
+        return None
+    if weights in ("imagenet", "imagenet-v1"):
+        return fetch_pretrained(weights, progress)
+    return load_weights_file(weights)
+
+
 def build(
     weights: str,
     image_size: int,
-    num_classes: int = len(CLASSES),
+    num_classes: int,
     progress: bool = True,
+    backbone: dict[str, torch.Tensor] | None = None,
 ) -> Classifier:
-    """A fresh Classifier with the backbone initialised from ``weights``; never silently random."""
+    """A fresh Classifier with the backbone initialised from ``weights`` (or the already
+    fetched ``backbone``) and a new ``num_classes`` head; never silently random."""
     # From scratch, zero-initialised last BatchNorm of each block makes every residual block
     # start as identity (Goyal et al. 2017), which steadies the first steps.
     net = torchvision.models.resnet50(num_classes=num_classes, zero_init_residual=weights == "none")
     if weights != "none":
-        state = (
-            fetch_pretrained(weights, progress)
-            if weights in ("imagenet", "imagenet-v1")
-            else load_weights_file(weights)
-        )
+        state = backbone if backbone is not None else backbone_weights(weights, progress)
         result = net.load_state_dict(state, strict=False)
         # Only the new head may be left out; check_state_dict guarantees the rest matched.
         assert set(result.missing_keys) == {"fc.weight", "fc.bias"}, result.missing_keys
@@ -191,17 +199,29 @@ def build(
     return Classifier(net, Preprocess(image_size, IMAGENET_MEAN, IMAGENET_STD))
 
 
-def model_meta(weights: str, image_size: int) -> dict[str, Any]:
-    """Facts about a model that travel inside its checkpoint."""
+def model_meta(
+    weights: str,
+    image_size: int,
+    classes: tuple[str, ...] | list[str],
+    input_size: int,
+    data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Facts about a model that travel inside its checkpoint and exports: its classes, the
+    size of the uint8 images it takes (``input_size``, the dataset's stored size), the
+    resolution it resizes them to (``image_size``), its normalisation, and the dataset it was
+    trained on (``data``: how ``evaluate`` finds the same test set)."""
     return {
         "arch": "resnet50",
-        "num_classes": len(CLASSES),
-        "classes": list(CLASSES),
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "input_size": input_size,
         "image_size": image_size,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
-        "input": "uint8 RGB [B,3,H,W]; converted, normalised and resized inside the model",
+        "input": f"uint8 RGB [B,3,{input_size},{input_size}]; converted, normalised and "
+        "resized inside the model",
         "weights": describe_weights(weights),
+        **({"data": data} if data else {}),
     }
 
 

@@ -168,7 +168,7 @@ def predict_files(
         results: list[Prediction | Rejected | None] = [None] * len(chunk)
         for i, path in enumerate(chunk):
             try:
-                decoded.append((i, images_lib.read_file(path)))
+                decoded.append((i, images_lib.read_file(path, size=predictor.input_size)))
             except images_lib.ImageError as e:
                 results[i] = Rejected(str(path), str(e))
         if decoded:

@@ -101,7 +101,7 @@ class Features:
     """float16 [M,2048] features of the training images ``index`` (sorted), and of their
     mirror images with `--probe-mirrors`."""
 
-    index: torch.Tensor  # int64 [M], sorted: positions in the 50,000 training images
+    index: torch.Tensor  # int64 [M], sorted: positions in arrays.train_x
     plain: torch.Tensor
     flipped: torch.Tensor | None
     cached: bool  # read from the cache (True) or computed now
@@ -122,14 +122,14 @@ def cached_features(
     flip: bool,
     cache_dir: Path | None = None,
 ) -> Features:
-    """Features of the training images ``indices`` (all 50,000 for a full run, whatever the
+    """Features of the training images ``indices`` (all of them for a full run, whatever the
     validation split), from the cache when every key part matches, else computed and cached.
     ``key_parts``: weights identity, image size, precision; the data digest, the image set,
     flips and the version are added here."""
     index = torch.unique(indices)  # sorted
     parts = {
         **key_parts,
-        "data": data._content_digest(arrays),
+        "data": data.content_digest(arrays),
         "images": hashlib.sha256(index.numpy().tobytes()).hexdigest()[:16],
         "flip": flip,
         "version": FEATURE_VERSION,

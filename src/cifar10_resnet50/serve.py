@@ -97,7 +97,7 @@ class MicroBatcher:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, pixels: np.ndarray, deadline: Deadline | None = None) -> np.ndarray:
-        """uint8 [N,32,32,3] → probabilities [N,C]; raises ApiError 503/504."""
+        """uint8 [N,S,S,3] → probabilities [N,C]; raises ApiError 503/504."""
         deadline = deadline or Deadline(self.settings.timeout_s)
         n = len(pixels)
         if self.waiting + n > self.settings.queue_images:
@@ -180,8 +180,9 @@ class Decoder:
             raise _timeout(self.settings, "decoding") from None
 
     async def decode(
-        self, files: list[tuple[str, bytes]], deadline: Deadline
+        self, files: list[tuple[str, bytes]], size: int, deadline: Deadline
     ) -> list[images_lib.Decoded]:
+        """Each file → uint8 ``[size,size,3]`` (``size``: the model's input size)."""
         s = self.settings
         pixels = await self._run(
             deadline, lambda: [images_lib.header_pixels(data, s.max_pixels) for _, data in files]
@@ -202,6 +203,7 @@ class Decoder:
                         images_lib.decode,
                         data,
                         name,
+                        size=size,
                         max_pixels=s.max_pixels,
                         max_seconds=s.decode_timeout_s,
                     )
@@ -401,7 +403,7 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
             files = await asyncio.wait_for(_uploads(request, settings), deadline.left())
         except TimeoutError:
             raise _timeout(settings, "reading the upload") from None
-        decoded = await model.decoder.decode(files, deadline)
+        decoded = await model.decoder.decode(files, predictor.input_size, deadline)
         probs = await batcher.submit(np.stack([d.pixels for d in decoded]), deadline)
         m["images"].inc(len(decoded))
         k = settings.top_k if top_k is None else top_k
@@ -421,6 +423,8 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
             "precision": p.precision,
             "model": p.path.name,
             "weights": p.meta.get("weights"),
+            "classes": len(p.classes),
+            "input_size": p.input_size,
         }
 
     @app.get("/labels", summary="Class names, in output order")

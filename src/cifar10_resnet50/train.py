@@ -1,4 +1,5 @@
-"""The ``train`` command: fine-tune ResNet-50 on CIFAR-10, on one device or many (torchrun).
+"""The ``train`` command: fine-tune ResNet-50 on CIFAR-10 or a folder of images, on one device
+or many (torchrun).
 
 Read ``run()`` then ``_run()`` top to bottom: set-up (``_setup``, ``_build``), then a plain loop
 over epochs (``_train_epoch`` → ``_train_step``; ``_end_epoch``), then the final evaluation.
@@ -32,6 +33,7 @@ from . import budget, checkpoint, data, evaluate
 from . import model as model_lib
 from .board import Board
 from .config import Config, resolve
+from .data import augment
 from .errors import UserError
 from .fileio import ensure_writable_dir, remove_stale_temps, save_torch, write_bytes, write_json
 from .runtime import Process, autocast, convert_sync_bn, pick_device, pick_precision
@@ -330,24 +332,66 @@ def _setup(cfg: Config, resume: bool, process: Process) -> tuple[Config, Path, d
     return cfg, out, saved
 
 
+def load_data(cfg: Config, progress: bool) -> data.Arrays:
+    d = cfg.data
+    return data.load(
+        d.source,
+        data_dir=d.data_dir,
+        download=d.download,
+        store_size=d.store_size,
+        test_size=d.test_size,
+        strict=d.strict,
+        progress=progress,
+    )
+
+
+def _model_meta(cfg: Config, arrays: data.Arrays, image_size: int | None = None) -> dict:
+    """What the checkpoints say about the model: its classes and input size from the data,
+    and where that data came from (so ``evaluate`` finds the same test set)."""
+    source = {"source": arrays.source, "test_size": cfg.data.test_size}
+    return model_lib.model_meta(
+        cfg.model.weights,
+        image_size or cfg.model.image_size,
+        arrays.classes,
+        arrays.image_size,
+        data=source,
+    )
+
+
+def _splits(arrays: data.Arrays, train_idx: torch.Tensor, val_idx: torch.Tensor) -> dict:
+    """Which images the run trains, validates and tests on (``splits.json``): file paths for a
+    folder, indices into the 50,000 training images for CIFAR-10; and what was left out."""
+    if not arrays.train_files:
+        return {"source": arrays.source, "val": val_idx.tolist(), "test": "test_batch"}
+    files = arrays.train_files
+    return {
+        "source": arrays.source,
+        "classes": list(arrays.classes),
+        "train": sorted(files[i] for i in train_idx.tolist()),
+        "val": sorted(files[i] for i in val_idx.tolist()),
+        "test": sorted(arrays.test_files),
+        "left_out": list(arrays.left_out),
+    }
+
+
 def _build(cfg: Config, out: Path, process: Process) -> Run:
     """Model, data on the device, optimizer, schedule, run folder. Rank 0 downloads the
     weights and the data first; the others wait for it, then read its files."""
     t, o = cfg.train, cfg.optim
     device = pick_device(t.device, process.local_rank)
-    root = data.resolve_data_dir(cfg.data.data_dir)
-    data.check_download_target(root, explicit=cfg.data.data_dir is not None)
+    data.check(cfg.data.source, cfg.data.data_dir)
     torch.manual_seed(t.seed)
-    # The model first: without a network the weights fail in seconds, before any download.
-    with process.main_first("download of the weights and CIFAR-10"):
-        model = model_lib.build(cfg.model.weights, cfg.model.image_size, progress=t.progress)
-        if not data.is_present(root) and cfg.data.download:
-            data.download(root, progress=t.progress and process.is_main)
-        arrays = data.load(root)
-    train_idx, val_idx = data.stratified_split(arrays.train_y, cfg.data.val_size, t.seed)
+    # The weights first: without a network they fail in seconds, before any data work.
+    with process.main_first(f"download of the weights and {data.label(cfg.data.source)}"):
+        backbone = model_lib.backbone_weights(cfg.model.weights, progress=t.progress)
+        arrays = load_data(cfg, progress=t.progress and process.is_main)
+    model = model_lib.build(
+        cfg.model.weights, cfg.model.image_size, len(arrays.classes), backbone=backbone
+    )
+    train_idx, val_idx = arrays.split(cfg.data.val_size, t.seed)
     if cfg.data.subset is not None:
         train_idx = train_idx[: cfg.data.subset]
-    steps = data.steps_per_epoch(len(train_idx), t.batch_size, process.world_size)
+    steps = augment.steps_per_epoch(len(train_idx), t.batch_size, process.world_size)
     if t.steps_per_epoch is not None:
         steps = min(steps, t.steps_per_epoch)
     if steps == 0 and t.strategy != "linear":  # the probe fits on all images at once
@@ -368,11 +412,12 @@ def _build(cfg: Config, out: Path, process: Process) -> Run:
     optimizer = make_optimizer(groups, o.optimizer, o.momentum)
     scheduler = make_scheduler(optimizer, o.schedule, steps * t.epochs, o.warmup)
     amp_dtype = pick_precision(t.precision, device)
-    meta = model_lib.model_meta(cfg.model.weights, cfg.model.image_size)
+    meta = _model_meta(cfg, arrays)
     if process.is_main:  # only now: a failed start leaves no run folder behind
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # a save that was SIGKILLed leaves its temporary file
         write_json(out / "config.json", cfg.to_dict())
+        write_json(out / "splits.json", _splits(arrays, train_idx, val_idx))
     return Run(
         cfg=cfg,
         process=process,
@@ -461,7 +506,7 @@ def _train_epoch(
         state.step,
         None,
     )
-    for i, xb, yb, target in data.train_batches(
+    for i, xb, yb, target in augment.train_batches(
         r.train_x,
         r.train_y,
         batch_size=t.batch_size,
@@ -568,10 +613,11 @@ def _time_steps(r: Run, size: int, frozen: bool, warmup: int = 2, timed: int = 8
     set_train_mode(r.model, frozen)
     forward = _forward(r, frozen)
     batches = itertools.chain.from_iterable(
-        data.train_batches(
+        augment.train_batches(
             r.train_x, r.train_y, batch_size=t.batch_size, seed=t.seed, epoch=epoch,
             padding=r.cfg.augment.crop_padding, flip=r.cfg.augment.flip,
-            rank=r.process.rank, world_size=r.process.world_size,
+            num_classes=r.meta["num_classes"], rank=r.process.rank,
+            world_size=r.process.world_size,
         )
         for epoch in itertools.count()
     )  # fmt: skip
@@ -665,7 +711,7 @@ def _plan_budget(r: Run, auto_size: bool, final_eval: bool) -> Run:
     t = r.cfg.train
     budget_s = budget.parse_duration(t.budget)
     shape = budget.Shape(
-        full_steps=data.steps_per_epoch(len(r.train_idx), t.batch_size, r.process.world_size),
+        full_steps=augment.steps_per_epoch(len(r.train_idx), t.batch_size, r.process.world_size),
         global_batch=t.batch_size * r.process.world_size,
         val_images=len(r.val_x),
         test_images=len(r.arrays.test_x) if final_eval else 0,
@@ -732,7 +778,7 @@ def _replanned(r: Run, image_size: int, plan: dict[str, Any], **train_changes: A
         train=dataclasses.replace(r.cfg.train, budget=None, **train_changes),
     )
     r.model.preprocess.image_size = image_size
-    meta = model_lib.model_meta(cfg.model.weights, image_size)
+    meta = _model_meta(cfg, r.arrays, image_size)
     saver = checkpoint.Saver(
         r.out, meta, cfg.to_dict(), is_main=r.process.is_main, world_size=r.process.world_size
     )
@@ -755,7 +801,7 @@ def _budget_eta(r: Run, state: checkpoint.RunState) -> dict[str, str]:
 
 def _validate(r: Run) -> tuple[float | None, float | None, torch.Tensor | None]:
     """Validation loss and accuracy over all ranks' shards (and this rank's logits)."""
-    if r.cfg.data.val_size == 0:
+    if not len(r.val_idx):
         return None, None, None
     logits = evaluate.predict_logits(
         r.model,

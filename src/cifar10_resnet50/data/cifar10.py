@@ -1,25 +1,22 @@
-"""CIFAR-10: download, safe extraction, verification, an in-memory uint8 cache, splits, and
-batched on-device augmentation.
+"""CIFAR-10: download, safe extraction, verification, and loading into uint8 tensors
+``[N,3,32,32]`` through the tensor cache.
 
-The training data path is written by hand for speed, as airbench does: the whole training set
-lives on the training device as one uint8 tensor (45,000×3×32×32 = 138 MB), and a batch is an
-index into it plus a few batched tensor ops. No PIL, no DataLoader, no per-image Python.
+The only module that knows CIFAR-10's facts: its URL and md5 sums, its ten class names, its
+32 px images and its 50,000 + 10,000 split.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import pickle
-import random
 import shutil
 import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +24,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import CLASSES
-from .errors import UserError, first_line
-from .fileio import file_digest, mkstemp_beside, remove_stale_temps, save_torch, temp_dir_beside
+from ..errors import UserError, first_line
+from ..fileio import file_digest, mkstemp_beside, remove_stale_temps, temp_dir_beside
+from . import cache
+from .cache import user_cache_dir
+from .dataset import Arrays
 
 log = logging.getLogger(__name__)
 
+CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+IMAGE_SIZE = 32  # pixels a side
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -50,22 +62,14 @@ FILE_MD5 = {
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 # The only members the archive may hold; readme.html ships in the official archive.
 _ALLOWED_MEMBERS = {f"{BATCH_DIR}/{name}" for name in (*FILE_MD5, "readme.html")}
-CACHE_VERSION = 2  # 2: adds the content sha256
+CACHE_VERSION = 3  # 2: adds the content sha256; 3: the shared cache format (data/cache.py)
 # Each cache file is ~185 MB (60,000 × 3,072 uint8 + labels); keeping the three most recently
 # used source folders bounds the cache at ~0.55 GB however many copies a user loads.
 CACHE_KEEP = 3
 ENV_DATA_DIR = "CIFAR10_DATA_DIR"
-ENV_CACHE_DIR = "CIFAR10_RESNET50_CACHE"
 
 
 # --------------------------------------------------------------------------- locations
-
-
-def user_cache_dir() -> Path:
-    if os.environ.get(ENV_CACHE_DIR):
-        return Path(os.environ[ENV_CACHE_DIR])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cifar10-resnet50"
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
@@ -233,17 +237,6 @@ def download(
 
 
 # --------------------------------------------------------------------------- verify and load
-
-
-@dataclass(frozen=True)
-class Arrays:
-    """CIFAR-10 held in memory. Images are uint8 ``[N,3,32,32]`` (RGB planes), labels int64."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    classes: tuple[str, ...]
 
 
 def _batch_folder(root: Path) -> Path:
@@ -444,293 +437,31 @@ def _fingerprint(folder: Path) -> list[list[Any]]:
     return out
 
 
-def _content_digest(arrays: Arrays) -> str:
-    """sha256 over every image and label: 0.11 s for the 184 MB here (SHA-NI), so a cache with
-    flipped bytes is caught on each load instead of training on damaged pixels."""
-    h = hashlib.sha256()
-    for t in (arrays.train_x, arrays.train_y, arrays.test_x, arrays.test_y):
-        h.update(memoryview(t.contiguous().numpy()).cast("B"))
-    return h.hexdigest()
-
-
-def _read_cache(cache: Path, fingerprint: list[list[Any]]) -> Arrays | None:
-    """The cached arrays if the file is ours, current, intact and CIFAR-10-shaped; else None
-    (with a warning when the file exists but is not usable)."""
-    if not cache.is_file():
-        return None
-    try:
-        blob = torch.load(cache, weights_only=True)
-        if blob.get("version") != CACHE_VERSION or blob.get("fingerprint") != fingerprint:
-            return None  # the source changed (or an older release wrote it): rebuild quietly
-        arrays = Arrays(blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], CLASSES)
-        _check_arrays(str(cache), arrays)
-        if _content_digest(arrays) != blob.get("sha256"):
-            raise UserError("content checksum mismatch")
-    except Exception as e:  # a damaged cache is only a cache: rebuild it, never use it
-        log.warning("tensor cache %s is damaged (%s); rebuilding it", cache, first_line(e))
-        return None
-    with contextlib.suppress(OSError):  # a read-only cache still serves hits
-        os.utime(cache)  # mark as recently used for _prune_cache
+def _from_cache(blob: dict[str, Any]) -> Arrays:
+    arrays = Arrays(blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], CLASSES)
+    _check_arrays("tensor cache", arrays)
     return arrays
 
 
 def load(root: str | Path, cache_dir: str | Path | None = None) -> Arrays:
-    """Load CIFAR-10 as uint8 tensors, through a one-file cache (about 0.3 s instead of ~2 s).
-
-    The cache sits in the user cache (not in the data folder, which may be read-only), is
-    keyed by the source files' names, sizes and mtimes, and carries a sha256 of its content
-    that is checked on every load.
-    """
+    """Load CIFAR-10 as uint8 tensors, through a one-file cache (about 0.3 s instead of ~2 s),
+    keyed by the batch files' names, sizes and mtimes (see :mod:`.cache`)."""
     folder = _batch_folder(Path(root))
     for name in (*TRAIN_FILES, "test_batch", "batches.meta"):
         if not (folder / name).is_file():
             raise UserError(f"{folder / name} is missing; re-download CIFAR-10 or fix --data-dir")
     fingerprint = _fingerprint(folder)
-    cache_root = Path(cache_dir) if cache_dir is not None else user_cache_dir() / "tensors"
+    cache_root = cache.tensor_dir(cache_dir)
     key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
-    cache = cache_root / f"cifar10-{key}.pt"
-    remove_stale_temps(cache_root)
-    arrays = _read_cache(cache, fingerprint)
+    path = cache_root / f"cifar10-{key}.pt"
+    arrays = cache.read(path, CACHE_VERSION, fingerprint, _from_cache)
     if arrays is not None:
         return arrays
     arrays = read_folder(folder.parent)
-    blob = {
-        "version": CACHE_VERSION,
-        "fingerprint": fingerprint,
-        "source": str(folder.resolve()),
-        "sha256": _content_digest(arrays),
-        "train_x": arrays.train_x,
-        "train_y": arrays.train_y,
-        "test_x": arrays.test_x,
-        "test_y": arrays.test_y,
-    }
-    try:
-        save_torch(blob, cache)
-    except UserError as e:  # no cache is slower, not wrong
-        log.warning("could not write the tensor cache: %s", e)
-    _prune_cache(cache_root, CACHE_KEEP)
+    tensors = {k: getattr(arrays, k) for k in ("train_x", "train_y", "test_x", "test_y")}
+    cache.write(path, CACHE_VERSION, fingerprint, tensors, {"source": str(folder.resolve())})
+    cache.prune(cache_root, "cifar10-*.pt", CACHE_KEEP)
     return arrays
-
-
-def _prune_cache(cache_root: Path, keep: int) -> None:
-    """Delete all but the ``keep`` most recently used cache files (a cache must not fill disks)."""
-    used = []
-    for entry in cache_root.glob("cifar10-*.pt"):
-        try:
-            used.append((entry.stat().st_mtime, entry))
-        except OSError:  # removed meanwhile by another process: nothing to prune
-            continue
-    for _, stale in sorted(used, reverse=True)[keep:]:
-        try:
-            stale.unlink()
-            log.info("removed least recently used tensor cache %s", stale)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("could not remove the tensor cache %s: %s", stale, e)
-
-
-# --------------------------------------------------------------------------- splits
-
-
-def stratified_split(
-    labels: torch.Tensor, val_size: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded split of indices into (train, val), with ``val_size`` spread evenly over classes.
-
-    Both index sets come out shuffled, so a ``--subset`` prefix of train is class-balanced in
-    expectation.
-    """
-    if not 0 <= val_size < len(labels):
-        raise UserError(f"--val-size must be between 0 and {len(labels) - 1}")
-    gen = torch.Generator().manual_seed(seed)
-    num_classes = int(labels.max()) + 1
-    base, extra = divmod(val_size, num_classes)
-    train_parts, val_parts = [], []
-    for c in range(num_classes):
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        k = base + (1 if c < extra else 0)
-        val_parts.append(idx[:k])
-        train_parts.append(idx[k:])
-    train_idx = torch.cat(train_parts)
-    val_idx = torch.cat(val_parts)
-    train_idx = train_idx[torch.randperm(len(train_idx), generator=gen)]
-    val_idx = val_idx[torch.randperm(len(val_idx), generator=gen)]
-    return train_idx, val_idx
-
-
-# --------------------------------------------------------------------------- batches
-
-
-def batch_seed(seed: int, epoch: int, batch: int) -> int:
-    """A distinct, reproducible seed per (run, epoch, batch).
-
-    Randomness keyed by position rather than drawn from a running generator makes a resumed
-    run (even one resumed mid-epoch) see exactly the batches the uninterrupted run would.
-    """
-    return ((seed * 1_000_003 + epoch) * 1_000_003 + batch) % (2**63 - 1)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(batch_seed(seed, epoch, -1))
-    return torch.randperm(n, generator=gen)
-
-
-def random_crop_flip(
-    x: torch.Tensor, gen: torch.Generator, padding: int, flip: bool
-) -> torch.Tensor:
-    """Batched random crop (from a reflect-padded image) and horizontal flip, in uint8.
-
-    # uint8 [B,3,H,W] → uint8 [B,3,H,W]; one gather for the whole batch instead of B crops.
-    """
-    b, _, h, w = x.shape
-    if padding > 0:
-        # Instead of padding B images and cropping each, shift per-image row/col index vectors
-        # and reflect them at the borders: one gather, no padded copy.
-        dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device) - padding
-        dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device) - padding
-        rows = torch.arange(h, device=x.device)[None, :] + dy[:, None]  # [B,H]
-        cols = torch.arange(w, device=x.device)[None, :] + dx[:, None]  # [B,W]
-        # Reflect at the borders (index -1 → 1, H → H-2), as reflect padding does.
-        rows = torch.where(rows < 0, -rows, rows)
-        rows = torch.where(rows > h - 1, 2 * (h - 1) - rows, rows)
-        cols = torch.where(cols < 0, -cols, cols)
-        cols = torch.where(cols > w - 1, 2 * (w - 1) - cols, cols)
-        bi = torch.arange(b, device=x.device)[:, None, None]
-        # Advanced indices on dims 0,2,3 with a slice between → result [B,H,W,C].
-        x = x[bi, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    if flip:
-        mask = torch.rand(b, generator=gen, device=x.device) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    return x.contiguous()
-
-
-def mix_batch(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    num_classes: int,
-    seed: int,
-    gen: torch.Generator,
-    mixup: float,
-    cutmix: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or CutMix on a uint8 batch; returns images and soft targets ``float [B,C]``.
-
-    Mixing is done in uint8 space (rounded): at most ±0.5/255 per pixel, invisible next to the
-    mix itself, and it keeps the model's uint8 input contract.
-    """
-    rnd = random.Random(seed)
-    use_cutmix = cutmix > 0 and (mixup == 0 or rnd.random() < 0.5)
-    alpha = cutmix if use_cutmix else mixup
-    lam = rnd.betavariate(alpha, alpha)
-    perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
-    if use_cutmix:
-        h, w = x.shape[-2:]
-        cut = (1 - lam) ** 0.5
-        ch, cw = int(h * cut), int(w * cut)
-        cy, cx = rnd.randrange(h), rnd.randrange(w)
-        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-        x = x.clone()
-        x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually pasted
-    else:
-        x = (x.float() * lam + x[perm].float() * (1 - lam)).round_().to(torch.uint8)
-    onehot = torch.nn.functional.one_hot(y, num_classes).float()
-    return x, onehot * lam + onehot[perm] * (1 - lam)
-
-
-def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
-    return n // (batch_size * world_size)
-
-
-def train_batches(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    start: int = 0,
-    padding: int = 4,
-    flip: bool = True,
-    mixup: float = 0.0,
-    cutmix: float = 0.0,
-    num_classes: int = 10,
-    rank: int = 0,
-    world_size: int = 1,
-    steps: int | None = None,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(batch_index, images, labels, targets)`` for one epoch, from batch ``start`` on.
-
-    ``x``: uint8 [N,3,32,32] on the training device; ``targets`` are the labels, or soft
-    labels float [B,C] with mixup/CutMix. The last incomplete batch is dropped (a BatchNorm
-    batch of 1 is undefined).
-
-    With torchrun, a step's *global* batch (``batch_size × world_size`` images of one global
-    order) is augmented and mixed as a whole, with randomness keyed by (seed, epoch, batch),
-    and each rank takes its slice: the same images, crops and mixes as one process with the
-    global batch, so runs agree whatever the process count (tested).
-
-    ``steps`` ends the epoch early (``--steps-per-epoch``): its batches are then a random
-    sample of the images, a different one each epoch.
-    """
-    order = epoch_order(len(x), seed, epoch).to(x.device)
-    full = steps_per_epoch(len(x), batch_size, world_size)
-    steps = full if steps is None else min(steps, full)  # fewer: the epoch's first batches
-    global_batch = batch_size * world_size
-    for i in range(start, steps):
-        idx = order[i * global_batch : (i + 1) * global_batch]
-        key = batch_seed(seed, epoch, i)
-        gen = torch.Generator(device=x.device).manual_seed(key)
-        xb = random_crop_flip(x[idx], gen, padding, flip)  # uint8 [B×W,3,32,32]
-        yb = y[idx]
-        target = yb
-        if mixup > 0 or cutmix > 0:
-            mix_gen = torch.Generator(device=x.device).manual_seed(key + 1)
-            xb, target = mix_batch(xb, yb, num_classes, key, mix_gen, mixup, cutmix)
-        mine = slice(rank * batch_size, (rank + 1) * batch_size)
-        yield i, xb[mine], yb[mine], target[mine]
-
-
-def sample_batch(
-    arrays: Arrays,
-    *,
-    n: int,
-    seed: int,
-    padding: int,
-    flip: bool,
-    mixup: float = 0.0,
-    cutmix: float = 0.0,
-) -> tuple[torch.Tensor, list[str]]:
-    """The first ``n`` images of epoch 0's first batch, augmented exactly as training does
-    (fastai's ``show_batch``), with their label (or the two mixed labels and weights)."""
-    batches = train_batches(
-        arrays.train_x,
-        arrays.train_y,
-        batch_size=n,
-        seed=seed,
-        epoch=0,
-        padding=padding,
-        flip=flip,
-        mixup=mixup,
-        cutmix=cutmix,
-        num_classes=len(arrays.classes),
-    )
-    _, xb, yb, soft = next(batches)
-    titles = [arrays.classes[y] for y in yb.tolist()]
-    if mixup > 0 or cutmix > 0:
-        titles = []
-        for row in soft:
-            w, idx = row.topk(2)
-            parts = [
-                f"{arrays.classes[i]} {v:.2f}"
-                for v, i in zip(w.tolist(), idx.tolist(), strict=True)
-                if v > 0
-            ]
-            titles.append("\n".join(parts))
-    return xb, titles
 
 
 def is_present(root: str | Path) -> bool:
