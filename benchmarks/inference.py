@@ -53,7 +53,8 @@ def main() -> None:
 
     import torch
 
-    from cifar10_resnet50 import checkpoint, export, inference
+    from cifar10_resnet50 import checkpoint
+    from cifar10_resnet50.serving import export, inference
 
     arrays = cifar10.load(cifar10.resolve_data_dir(args.data_dir))
     test_x = arrays.test_x.numpy()  # uint8 [N,3,32,32]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from cifar10_resnet50.corruptions import GROUPS  # noqa: E402  (no torch work at import)
+from cifar10_resnet50.evaluation.corruptions import GROUPS  # noqa: E402  (no torch work at import)
 
 
 def cli(*args: str) -> float:

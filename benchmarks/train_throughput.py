@@ -7,7 +7,7 @@ RSS per run), several times; the medians and their ratio are printed as a Markdo
 - tutorial: torchvision.datasets.CIFAR10 + PIL transforms (RandomCrop(32, padding=4),
   RandomHorizontalFlip, Resize(px), ToTensor, Normalize) + DataLoader(num_workers=2,
   shuffle) + fp32, SGD; the loop from the PyTorch CIFAR-10 tutorial.
-- ours: ``cifar10_resnet50.train.run`` itself (uint8 tensors in memory, batched on-device
+- ours: ``cifar10_resnet50.training.train.run`` itself (uint8 tensors in memory, batched on-device
   augmentation, preprocessing inside the model, bf16 autocast where the CPU has it,
   channels_last), read from its own metrics.jsonl.
 
@@ -79,7 +79,8 @@ def run_tutorial(data_dir: str, px: int, images: int, batch_size: int) -> dict:
 
 
 def run_ours(data_dir: str, px: int, images: int, batch_size: int, compile_: bool) -> dict:
-    from cifar10_resnet50 import config, train
+    from cifar10_resnet50 import config
+    from cifar10_resnet50.training import train
 
     with tempfile.TemporaryDirectory() as out:
         cfg = config.override(

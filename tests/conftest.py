@@ -87,7 +87,7 @@ def real_trained(real_root, tmp_path_factory):
     this exact run). Returns ``train.run``'s result.
     """
     from cifar10_resnet50 import config as C
-    from cifar10_resnet50 import train
+    from cifar10_resnet50.training import train
 
     cfg = C.override(
         C.Config(),

@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cifar10_resnet50 import config as C  # noqa: E402
-from cifar10_resnet50 import train  # noqa: E402
+from cifar10_resnet50 import config as C
+from cifar10_resnet50.training import train
 
 
 def main() -> None:

@@ -6,9 +6,10 @@ import time
 
 import pytest
 
-from cifar10_resnet50 import budget, train
 from cifar10_resnet50 import config as C
+from cifar10_resnet50.config import parse_duration
 from cifar10_resnet50.errors import UserError
+from cifar10_resnet50.training import budget, train
 from test_train import tiny
 
 
@@ -17,13 +18,13 @@ from test_train import tiny
     [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("600", 600), ("2.5m", 150)],
 )
 def test_durations_read_as_users_write_them(text, seconds):
-    assert budget.parse_duration(text) == seconds
+    assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "ten minutes", "10 m", "5x", "0s", "1m-5s"])
 def test_unreadable_durations_are_one_line_errors(text):
     with pytest.raises(UserError, match="--budget"):
-        budget.parse_duration(text)
+        parse_duration(text)
 
 
 def test_budget_with_epochs_is_refused_before_any_work():

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from cifar10_resnet50 import calibration as cal
 from cifar10_resnet50.data import cifar10
+from cifar10_resnet50.evaluation import calibration as cal
 
 
 def test_wilson_interval_matches_the_textbook_values():
@@ -70,7 +70,9 @@ def test_temperature_travels_from_checkpoint_to_exports_predict_and_evaluate(
 ):
     import numpy as np
 
-    from cifar10_resnet50 import checkpoint, evaluate, export, inference
+    from cifar10_resnet50 import checkpoint
+    from cifar10_resnet50.evaluation import evaluate
+    from cifar10_resnet50.serving import export, inference
 
     images = cifar10.load(synthetic_root).test_x[:32]  # uint8 [32,3,32,32]
     model, _ = checkpoint.load_model(tiny_checkpoint)  # no temperature: as before issue 8
@@ -92,8 +94,8 @@ def test_temperature_travels_from_checkpoint_to_exports_predict_and_evaluate(
 
 
 def test_a_bad_temperature_in_a_model_file_is_a_one_line_error(tiny_checkpoint, tmp_path):
-    from cifar10_resnet50 import inference
     from cifar10_resnet50.errors import UserError
+    from cifar10_resnet50.serving import inference
 
     path = _calibrated_checkpoint(tiny_checkpoint, tmp_path, -1.0)
     with pytest.raises(UserError, match="'temperature' is -1.0"):
@@ -101,7 +103,8 @@ def test_a_bad_temperature_in_a_model_file_is_a_one_line_error(tiny_checkpoint, 
 
 
 def test_training_fits_a_temperature_on_the_validation_split(synthetic_root, tmp_path):
-    from cifar10_resnet50 import checkpoint, train
+    from cifar10_resnet50 import checkpoint
+    from cifar10_resnet50.training import train
     from test_train import tiny
 
     result = train.run(tiny(synthetic_root, tmp_path / "r", **{"data.val_size": 200}))

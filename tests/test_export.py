@@ -3,9 +3,10 @@ import onnx
 import pytest
 import torch
 
-from cifar10_resnet50 import checkpoint, export, inference
+from cifar10_resnet50 import checkpoint
 from cifar10_resnet50.cli import main
 from cifar10_resnet50.errors import UserError
+from cifar10_resnet50.serving import export, inference
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ TINY = [
 def test_the_printed_resume_command_works_for_a_run_without_out(
     capsys, synthetic_root, tmp_path, monkeypatch
 ):
-    from cifar10_resnet50 import train
+    from cifar10_resnet50.training import train
 
     monkeypatch.chdir(tmp_path)
     cfg = C.override(
@@ -128,7 +128,7 @@ def test_help_is_complete_and_unknown_flags_get_a_suggestion(capsys):
 def test_train_threads_sets_torch_threads(synthetic_root, tmp_path):
     import torch
 
-    from cifar10_resnet50 import train
+    from cifar10_resnet50.training import train
 
     before = torch.get_num_threads()
     cfg = C.override(
@@ -149,7 +149,7 @@ def test_train_threads_sets_torch_threads(synthetic_root, tmp_path):
 def test_server_and_cli_agree_on_top_k_and_json_fields(capsys, tiny_checkpoint, test_pngs):
     from fastapi.testclient import TestClient
 
-    from cifar10_resnet50 import inference, serve
+    from cifar10_resnet50.serving import inference, serve
 
     paths, _ = test_pngs
     with TestClient(serve.create_app(lambda: inference.load(tiny_checkpoint))) as c:

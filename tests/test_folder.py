@@ -18,9 +18,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cifar10_resnet50 import config as C
-from cifar10_resnet50 import data, evaluate, export, inference, predict, serve, train
+from cifar10_resnet50 import data
 from cifar10_resnet50.data import cifar10, folder
 from cifar10_resnet50.errors import UserError
+from cifar10_resnet50.evaluation import evaluate
+from cifar10_resnet50.serving import export, inference, predict, serve
+from cifar10_resnet50.training import train
 
 CLASSES = ("airplane", "automobile", "bird")
 PER_CLASS = 24

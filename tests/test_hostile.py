@@ -26,11 +26,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar10_resnet50 import checkpoint, cli, export, fileio, images, inference, predict
+from cifar10_resnet50 import checkpoint, cli, fileio, images
 from cifar10_resnet50 import model as M
 from cifar10_resnet50.data import cifar10
 from cifar10_resnet50.data.cifar10 import CLASSES as CIFAR10_CLASSES
 from cifar10_resnet50.errors import UserError
+from cifar10_resnet50.serving import export, inference, predict
 from corpus import huge_header_png
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -194,7 +195,7 @@ def test_broken_checkpoints_are_one_line_errors_everywhere(capsys, tiny_checkpoi
 def test_serve_reports_a_broken_model_on_readyz_never_500(tiny_checkpoint, tmp_path):
     from fastapi.testclient import TestClient
 
-    from cifar10_resnet50 import serve
+    from cifar10_resnet50.serving import serve
 
     path = _ckpt_with(tmp_path, tiny_checkpoint, "bad.pt", BAD_CHECKPOINTS["three_names"][0])
     with TestClient(serve.create_app(lambda: inference.load(path))) as c:
@@ -526,8 +527,8 @@ def test_a_damaged_or_forged_tensor_cache_is_rebuilt_never_used(synthetic_copy, 
 def test_client_disconnect_mid_upload_is_one_log_line(tiny_checkpoint, caplog):
     import asyncio
 
-    from cifar10_resnet50 import serve
     from cifar10_resnet50.config import ServeConfig
+    from cifar10_resnet50.serving import serve
 
     class Gone:
         headers = {"content-type": "image/png"}
@@ -539,7 +540,7 @@ def test_client_disconnect_mid_upload_is_one_log_line(tiny_checkpoint, caplog):
             yield b"\x89PNG"
             raise ClientDisconnect()
 
-    caplog.set_level("INFO", logger="cifar10_resnet50.serve")
+    caplog.set_level("INFO", logger="cifar10_resnet50.serving.serve")
     with pytest.raises(serve.ApiError) as info:
         asyncio.run(serve._read_body(Gone(), ServeConfig()))
     assert info.value.code == "client_disconnected"
@@ -599,7 +600,7 @@ def _tiny_run_config(root: Path, out: Path, epochs: int = 1):
 
 
 def test_training_start_removes_stale_temps_in_the_run_folder(synthetic_root, tmp_path):
-    from cifar10_resnet50 import train
+    from cifar10_resnet50.training import train
 
     out = tmp_path / "run"
     out.mkdir()
@@ -610,7 +611,7 @@ def test_training_start_removes_stale_temps_in_the_run_folder(synthetic_root, tm
 
 
 def test_resume_drops_a_torn_last_metrics_line(synthetic_root, tmp_path, caplog):
-    from cifar10_resnet50 import train
+    from cifar10_resnet50.training import train
 
     out = tmp_path / "run"
     cfg = _tiny_run_config(synthetic_root, out, epochs=2)

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar10_resnet50 import api, cli, lr_find
+from cifar10_resnet50 import api, cli
 from cifar10_resnet50.errors import UserError
+from cifar10_resnet50.training import lr_find
 
 TINY = dict(
     subset=256,
@@ -130,7 +131,7 @@ def test_evaluation_extras_and_titled_curves(tiny_run):
     assert confusion[i][j] == top["count"] == max(off_diagonal)
     for name in ("top_losses.png", "confusion.png"):
         assert (ev / name).read_bytes()[:4] == b"\x89PNG"
-    from cifar10_resnet50.train import _curves_title, _read_metrics
+    from cifar10_resnet50.training.train import _curves_title, _read_metrics
 
     title = _curves_title(
         tiny_run.out_dir, _read_metrics(tiny_run.out_dir / "metrics.jsonl"), tiny_run.test

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import torch
 
-from cifar10_resnet50 import evaluate, inference, predict
+from cifar10_resnet50.evaluation import evaluate
+from cifar10_resnet50.serving import inference, predict
 from corpus import write
 
 

@@ -6,9 +6,11 @@ import json
 
 import torch
 
-from cifar10_resnet50 import checkpoint, inference, probe, train
+from cifar10_resnet50 import checkpoint
 from cifar10_resnet50 import config as C
 from cifar10_resnet50.data import cifar10
+from cifar10_resnet50.serving import inference
+from cifar10_resnet50.training import probe, train
 
 
 def _cfg(root, out, **changes):
@@ -86,7 +88,7 @@ def test_a_damaged_feature_cache_is_recomputed(synthetic_root, tmp_path, caplog)
 def test_the_probe_checkpoint_is_a_whole_model_for_predict_and_export(
     synthetic_root, tmp_path, test_pngs
 ):
-    from cifar10_resnet50 import export
+    from cifar10_resnet50.serving import export
 
     result = train.run(_cfg(synthetic_root, tmp_path / "r"), final_eval=False)
     predictor = inference.load(result.best)

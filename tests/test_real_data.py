@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from cifar10_resnet50 import checkpoint, data, evaluate
+from cifar10_resnet50 import checkpoint, data
 from cifar10_resnet50.data import cifar10
+from cifar10_resnet50.evaluation import evaluate
 from cifar10_resnet50.runtime import pick_precision
 
 pytestmark = pytest.mark.real_data

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar10_resnet50 import compare, evaluate, export, robustness
-from cifar10_resnet50 import corruptions as C
+from cifar10_resnet50.evaluation import compare, evaluate, robustness
+from cifar10_resnet50.evaluation import corruptions as C
+from cifar10_resnet50.serving import export
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from cifar10_resnet50 import checkpoint, evaluate, inference, serve
+from cifar10_resnet50 import checkpoint
 from cifar10_resnet50.config import ServeConfig
-from cifar10_resnet50.serve import ApiError, MicroBatcher
+from cifar10_resnet50.evaluation import evaluate
+from cifar10_resnet50.serving import inference, serve
+from cifar10_resnet50.serving.serve import ApiError, MicroBatcher
 from corpus import corpus
 
 SETTINGS = ServeConfig(max_body_mb=1)
@@ -203,7 +205,7 @@ def test_full_queue_is_503_and_slow_inference_is_504():
 
 
 def test_server_backends_and_evaluate_agree(tiny_checkpoint, test_pngs, tmp_path):
-    from cifar10_resnet50 import export
+    from cifar10_resnet50.serving import export
 
     onnx_path = tmp_path / "m.onnx"
     export._write_onnx(

@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from cifar10_resnet50 import checkpoint, train
+from cifar10_resnet50 import checkpoint
 from cifar10_resnet50 import config as C
 from cifar10_resnet50 import model as M
 from cifar10_resnet50.errors import UserError
+from cifar10_resnet50.training import train
 
 
 def tiny(root, out, **changes):

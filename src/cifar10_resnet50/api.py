@@ -49,7 +49,7 @@ def train(
     """Train (or ``resume`` the run in ``out``); returns ``train.TrainResult`` (``.best``,
     ``.last``, ``.out_dir``, ``.test`` the final test report). ``started``: the
     ``time.perf_counter()`` a ``budget`` counts from (default: this call)."""
-    from . import train as train_lib
+    from .training import train as train_lib
 
     return train_lib.run(_config(config, settings), resume=resume, started=started)
 
@@ -63,7 +63,7 @@ def lr_find(
     **settings: Any,
 ):
     """The learning-rate range test for the run these settings describe."""
-    from . import lr_find as lr_find_lib
+    from .training import lr_find as lr_find_lib
 
     cfg = _config(config, settings)
     return lr_find_lib.run(cfg, steps=steps, start_lr=start_lr, end_lr=end_lr)
@@ -72,7 +72,7 @@ def lr_find(
 def evaluate(checkpoint: str | Path, **options: Any):
     """Test-set report of a checkpoint (``evaluate.run``'s options: ``data_dir``, ``out_dir``,
     ``device``, ``precision``, ``batch_size``, ``tta_flip``)."""
-    from . import evaluate as evaluate_lib
+    from .evaluation import evaluate as evaluate_lib
 
     return evaluate_lib.run(checkpoint, **options)
 
@@ -143,7 +143,7 @@ def load(
     allow_torchscript_code: bool = False,
 ) -> Model:
     """Load and validate a checkpoint, an ONNX export or (opted in) a TorchScript export."""
-    from . import inference
+    from .serving import inference
 
     return Model(
         inference.load(

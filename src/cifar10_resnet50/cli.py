@@ -492,8 +492,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace, arrays: Any) -> None:
-    from . import plots
     from .data import augment
+    from .evaluation import plots
     from .fileio import prepare_output
 
     prepare_output(args.out, [], "--out")
@@ -573,7 +573,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from . import compare
+    from .evaluation import compare
 
     rows = compare.run(
         args.models,
@@ -588,9 +588,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from . import inference, predict
     from .fileio import prepare_output, write_bytes
     from .images import printable
+    from .serving import inference, predict
 
     files, rejected = predict.expand(args.paths)
     if args.output:  # fail now, not after the predictions; never overwrite an input
@@ -627,7 +627,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import export
+    from .serving import export
 
     report = export.run(
         args.checkpoint,
@@ -643,8 +643,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from . import serve
     from .fileio import require_file
+    from .serving import serve
 
     require_file(args.model, "model")
     settings = ServeConfig(**{key: getattr(args, key) for _, key, _ in serve_flags()})

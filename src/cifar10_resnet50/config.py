@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -496,6 +497,24 @@ def with_settings(cfg: Config, settings: dict[str, Any]) -> Config:
     return override(cfg, dotted)
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600}  # --budget's units, in seconds
+
+
+def parse_duration(text: str) -> float:
+    """``"90s"``, ``"10m"``, ``"1h"``, ``"1h30m"``, or plain seconds (``"600"``) → seconds."""
+    value = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        seconds = float(value)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            raise UserError(f"--budget {text!r}: write a duration such as 90s, 10m, 1h or 1h30m")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"--budget {text!r} must be longer than zero")
+    return seconds
+
+
 def validate(cfg: Config) -> None:
     def check(ok: bool, message: str) -> None:
         if not ok:
@@ -521,8 +540,6 @@ def validate(cfg: Config) -> None:
         t.steps_per_epoch is None or t.steps_per_epoch >= 1, "--steps-per-epoch must be at least 1"
     )
     if t.budget is not None:
-        from .budget import parse_duration
-
         parse_duration(t.budget)
         check(
             t.epochs is None and t.steps_per_epoch is None,

@@ -1,4 +1,5 @@
-"""The model: torchvision's ResNet-50 with a 10-class head, preprocessing included.
+"""The model: torchvision's ResNet-50 with a new head (one output per class of the data),
+preprocessing included.
 
 ``Classifier`` takes raw uint8 RGB images ``[B,3,H,W]`` and returns logits. Conversion,
 ImageNet normalisation and the resize to the training resolution happen inside, on whatever
@@ -41,8 +42,8 @@ class Preprocess(nn.Module):
         self.register_buffer("shift", mean_t / std_t, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise before resizing: the two commute (both linear), and at 32 px it touches
-        # (S/32)² fewer pixels than after (25× fewer at S=160).
+        # Normalise before resizing: the two commute (both linear), and on small stored images
+        # it touches (S/s)² fewer pixels than after (25× fewer from CIFAR's 32 px to S=160).
         x = x.float() * self.scale - self.shift
         if x.shape[-2] != self.image_size or x.shape[-1] != self.image_size:
             x = F.interpolate(
@@ -52,7 +53,7 @@ class Preprocess(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Preprocess + torchvision ResNet-50 whose ``fc`` is the new 10-class head."""
+    """Preprocess + torchvision ResNet-50 whose ``fc`` is the new head (one output per class)."""
 
     def __init__(self, net: nn.Module, preprocess: Preprocess, temperature: float = 1.0):
         super().__init__()

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data
-from . import model as model_lib
-from .config import Config, resolve
-from .data import augment
-from .errors import UserError
-from .fileio import ensure_writable_dir, write_json
-from .runtime import autocast, pick_device, pick_precision
+from .. import data
+from .. import model as model_lib
+from ..config import Config, resolve
+from ..data import augment
+from ..errors import UserError
+from ..fileio import ensure_writable_dir, write_json
+from ..runtime import autocast, pick_device, pick_precision
 from .train import (
     frozen_at,
     load_data,
@@ -212,7 +212,7 @@ def run(
     )
     suggested, steepest = suggest(lrs, losses)
     ensure_writable_dir(out)
-    from .plots import lr_find_png
+    from ..evaluation.plots import lr_find_png
 
     plot = out / "lr_find.png"
     lr_find_png(lrs, losses, suggested, plot)

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data
-from . import model as model_lib
-from .errors import UserError, first_line
-from .fileio import file_digest, remove_stale_temps, save_torch
+from .. import data
+from .. import model as model_lib
+from ..errors import UserError, first_line
+from ..fileio import file_digest, remove_stale_temps, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def backbone_features(
     flip: bool = False,
 ) -> torch.Tensor:
     """uint8 [N,3,H,W] (any device) → float16 [N,2048] on the CPU, BatchNorm in eval mode."""
-    from .runtime import autocast
+    from ..runtime import autocast
 
     was_training = model.training
     model.eval()

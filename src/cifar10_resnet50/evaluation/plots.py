@@ -12,7 +12,7 @@ def _save(fig, path: str | Path) -> None:
     """Render in memory, then write atomically (a full disk is one clear error, no torn PNG)."""
     import io
 
-    from .fileio import write_bytes
+    from ..fileio import write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, dpi=100, format="png")

@@ -32,9 +32,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from . import images as images_lib
-from .config import ServeConfig
-from .errors import UserError, first_line
+from .. import images as images_lib
+from ..config import ServeConfig
+from ..errors import UserError, first_line
 from .inference import Predictor
 
 log = logging.getLogger(__name__)
@@ -438,7 +438,7 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     async def page():
-        return resources.files("cifar10_resnet50").joinpath("static/index.html").read_text("utf-8")
+        return resources.files(__package__).joinpath("static/index.html").read_text("utf-8")
 
     return app
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evaluate, inference
-from .errors import UserError
-from .fileio import ensure_writable_dir, write_json
+from ..errors import UserError
+from ..fileio import ensure_writable_dir, write_json
+from ..serving import inference
+from . import evaluate
 
 SPEED_IMAGES = 512  # timed at batch 64, after one warm-up batch
 
@@ -47,7 +48,8 @@ def resolve(path: str | Path) -> Path:
 def _speed(path: Path, allow_code: bool) -> float:
     """Images per second at batch 64 on the CPU, as predict and serve run it."""
     predictor = inference.load(path, allow_code=allow_code)
-    batch = np.random.default_rng(0).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
+    size = predictor.input_size
+    batch = np.random.default_rng(0).integers(0, 256, (64, 3, size, size), dtype=np.uint8)
     predictor.run(batch)
     t0 = time.perf_counter()
     for _ in range(SPEED_IMAGES // 64):

@@ -29,14 +29,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import budget, checkpoint, data, evaluate
-from . import model as model_lib
+from .. import checkpoint, data
+from .. import model as model_lib
+from ..config import Config, parse_duration, resolve
+from ..data import augment
+from ..errors import UserError
+from ..evaluation import evaluate
+from ..fileio import ensure_writable_dir, remove_stale_temps, save_torch, write_bytes, write_json
+from ..runtime import Process, autocast, convert_sync_bn, pick_device, pick_precision
+from . import budget
 from .board import Board
-from .config import Config, resolve
-from .data import augment
-from .errors import UserError
-from .fileio import ensure_writable_dir, remove_stale_temps, save_torch, write_bytes, write_json
-from .runtime import Process, autocast, convert_sync_bn, pick_device, pick_precision
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +288,7 @@ class Run:
     arrays: data.Arrays  # CPU copy, for the final test evaluation
     train_idx: torch.Tensor  # indices into arrays.train_x of the training split
     val_idx: torch.Tensor  # ... and of the validation split
-    train_x: torch.Tensor  # uint8 [N,3,32,32] on the device
+    train_x: torch.Tensor  # uint8 [N,3,S,S] on the device (S: the stored size)
     train_y: torch.Tensor
     val_x: torch.Tensor  # this process's shard of the validation split (CPU)
     val_y: torch.Tensor
@@ -465,7 +467,7 @@ def _train_step(
     if r.cfg.train.channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
     with autocast(r.device, r.amp_dtype):
-        logits = forward(xb)  # uint8 [B,3,32,32] → float [B,10]
+        logits = forward(xb)  # uint8 [B,3,S,S] → float [B,C]
     loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
     r.optimizer.zero_grad(set_to_none=True)
     r.scaler.scale(loss).backward()
@@ -709,7 +711,7 @@ def _plan_budget(r: Run, auto_size: bool, final_eval: bool) -> Run:
     the run rebuilt for the plan: its config (written to config.json, as if those flags had
     been given), schedule, checkpoints' metadata; the plan itself goes to plan.json."""
     t = r.cfg.train
-    budget_s = budget.parse_duration(t.budget)
+    budget_s = parse_duration(t.budget)
     shape = budget.Shape(
         full_steps=augment.steps_per_epoch(len(r.train_idx), t.batch_size, r.process.world_size),
         global_batch=t.batch_size * r.process.world_size,
@@ -751,7 +753,7 @@ def _plan_probe_budget(r: Run, auto_size: bool) -> Run:
     feature_images = (len(r.train_idx) + len(r.val_idx)) * (2 if t.probe_mirrors else 1)
     sizes = budget.LADDER[r.device.type] if auto_size else (r.cfg.model.image_size,)
     size, estimate = budget.plan_probe(
-        budget.parse_duration(t.budget),
+        parse_duration(t.budget),
         lambda: _agree(r, time.perf_counter() - r.started),
         feature_images,
         len(r.arrays.test_x) + len(r.val_idx),  # + the temperature's validation pass
@@ -987,7 +989,7 @@ def _calibrate(r: Run) -> None:
     """Temperature scaling (Guo et al. 2017) of the weights best.pt holds, fitted on the whole
     validation split: stored in best.pt's metadata and set on the model in memory, so the
     final evaluation, predict, serve and exports return calibrated probabilities."""
-    from . import calibration
+    from ..evaluation import calibration
 
     if not len(r.val_idx) or not r.saver.best.exists():
         return  # no held-out images: the model stays uncalibrated (temperature 1)
@@ -1162,7 +1164,7 @@ def _run(
         report = _final_evaluation(r) if final_eval else None
     rows = _read_metrics(out / "metrics.jsonl")
     if process.is_main and rows:
-        from .plots import training_curves
+        from ..evaluation.plots import training_curves
 
         training_curves(rows, out / "curves.png", _curves_title(out, rows, report))
     best = r.saver.best if r.saver.best.exists() else None

@@ -62,8 +62,8 @@ class Board:
         """The confusion matrix and a grid of the first validation images, as figures."""
         if not self.writer:
             return
-        from . import plots
-        from .evaluate import metrics
+        from ..evaluation import plots
+        from ..evaluation.evaluate import metrics
 
         m = metrics(logits, labels, len(classes))
         self.writer.add_figure(

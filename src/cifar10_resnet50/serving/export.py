@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, data, inference
-from .errors import UserError
-from .fileio import prepare_output, remove_stale_temps, temp_dir_beside, write_bytes
+from .. import checkpoint, data
+from ..errors import UserError
+from ..fileio import prepare_output, remove_stale_temps, temp_dir_beside, write_bytes
+from . import inference
 
 log = logging.getLogger(__name__)
 

@@ -24,32 +24,15 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 
 LADDER = {"cpu": (32, 48, 64, 96, 128), "cuda": (96, 128, 160, 192, 224)}
 MIN_EPOCHS = 5
 PROBE_FIT_S = {"cpu": 40.0, "cuda": 10.0}  # L-BFGS over the L2 grid on 95,000 features
 FINAL_FIXED_S = 2.0  # the test report's plots and curves.png: ~1.7 s on this 2-core CPU
-_UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(text: str) -> float:
-    """``"90s"``, ``"10m"``, ``"1h"``, ``"1h30m"``, or plain seconds (``"600"``) → seconds."""
-    value = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", value):
-        seconds = float(value)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", value)
-        if not parts or "".join(n + u for n, u in parts) != value:
-            raise UserError(f"--budget {text!r}: write a duration such as 90s, 10m, 1h or 1h30m")
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    if seconds <= 0:
-        raise UserError(f"--budget {text!r} must be longer than zero")
-    return seconds
 
 
 def format_duration(seconds: float) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import images as images_lib
+from .. import images as images_lib
 from .inference import Predictor
 
 log = logging.getLogger(__name__)

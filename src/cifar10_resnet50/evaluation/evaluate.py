@@ -11,10 +11,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, robustness
-from .errors import UserError
-from .fileio import check_not_input, ensure_writable_dir, write_json
-from .runtime import autocast, pick_device, pick_precision
+from .. import checkpoint, data
+from ..errors import UserError
+from ..fileio import check_not_input, ensure_writable_dir, write_json
+from ..runtime import autocast, pick_device, pick_precision
+from . import robustness
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def run(
     the test set of the data it was trained on (or ``data_source``) and write the reports (see
     :func:`evaluate_model`); with
     ``corruptions``, also the CIFAR-10-C sweep (``robustness.json``, ``robustness.png``)."""
-    from . import inference
+    from ..serving import inference
 
     model_path = Path(model_path)
     dev = pick_device(device)

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError, first_line
-from .fileio import require_file
-from .meta import validate_meta
+from ..errors import UserError, first_line
+from ..fileio import require_file
+from ..meta import validate_meta
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Predictor:
 def _torch_runner(model, device, amp_dtype) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 
-    from .runtime import autocast
+    from ..runtime import autocast
 
     @torch.no_grad()
     def run(batch: np.ndarray) -> np.ndarray:
@@ -171,7 +171,7 @@ def _set_threads(threads: int | None) -> None:
 def _load_torchscript(path: Path, device: str, batch_size: int, threads: int | None) -> Predictor:
     import torch
 
-    from .runtime import pick_device
+    from ..runtime import pick_device
 
     _set_threads(threads)
     dev = pick_device(device)
@@ -197,8 +197,8 @@ def _load_checkpoint(
 ) -> Predictor:
     import torch
 
-    from . import checkpoint
-    from .runtime import pick_device, pick_precision
+    from .. import checkpoint
+    from ..runtime import pick_device, pick_precision
 
     _set_threads(threads)
     dev = pick_device(device)

@@ -1,0 +1,79 @@
+"""The package tree is the architecture: imports only point down the layers of docs/design.md
+(read from the source, so a new upward import fails here, not in a review)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "cifar10_resnet50"
+
+# Lower number = lower layer. A module may import its own layer or any lower one.
+LAYERS = {
+    "errors": 0,
+    "config": 0,
+    "meta": 0,
+    "fileio": 0,
+    "runtime": 0,
+    "images": 0,
+    "model": 1,
+    "checkpoint": 1,
+    "data": 2,
+    "serving": 3,
+    "evaluation": 4,
+    "training": 5,
+    "api": 6,
+    "cli": 7,
+    "__main__": 8,
+    "__init__": 0,
+}
+
+
+def _top(module: str) -> str:
+    """cifar10_resnet50.training.train → training"""
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    is_module = (SRC / top).is_dir() or (SRC / f"{top}.py").is_file()
+    return top if is_module else "__init__"  # a name from the package root (__version__)
+
+
+def _imports(path: Path) -> set[str]:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    package = parts[:-1]  # a module's package; for __init__ the package itself
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - (node.level - 1)]
+            mod = ".".join(base + ([node.module] if node.module else []))
+            if node.module:
+                found.add(mod)
+            else:
+                found.update(f"{mod}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "cifar10_resnet50"
+        ):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("cifar10_resnet50"))
+    return found
+
+
+def test_imports_only_point_down_the_layers():
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        me = _top(".".join(path.relative_to(SRC.parent).with_suffix("").parts))
+        for target in _imports(path):
+            them = _top(target)
+            if them == me:
+                continue
+            if LAYERS[them] > LAYERS[me]:
+                wrong.append(f"{path.relative_to(SRC)} imports {target}")
+    assert not wrong, wrong
+
+
+def test_every_module_belongs_to_a_layer():
+    tops = {
+        _top(".".join(p.relative_to(SRC.parent).with_suffix("").parts)) for p in SRC.rglob("*.py")
+    }
+    assert tops <= set(LAYERS), tops - set(LAYERS)
