@@ -24,6 +24,7 @@ from cifar10_resnet50.errors import UserError
 from cifar10_resnet50.evaluation import evaluate
 from cifar10_resnet50.serving import export, inference, predict, serve
 from cifar10_resnet50.training import train
+from corpus import huge_header_png
 
 CLASSES = ("airplane", "automobile", "bird")
 PER_CLASS = 24
@@ -35,6 +36,7 @@ EXPECTED_REPORT = [
     "automobile/broken.jpg: damaged or truncated JPEG data (OSError: image file is truncated "
     "(110 bytes not processed))",
     "automobile/empty.png: empty file (0 bytes)",
+    "bird/huge.png: 144,000,000 pixels exceeds the limit of 50,000,000",
     "empty/: empty class: no usable images",
     "lonely/: class with one usable image; needs 2",
     "readme.md: not inside a class folder",
@@ -69,6 +71,7 @@ def write_image_folder(root: Path, synthetic_root: Path) -> Path:
     jpeg = (root / "automobile" / "img01.jpg").read_bytes()
     (root / "automobile" / "broken.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (root / "automobile" / "empty.png").write_bytes(b"")
+    (root / "bird" / "huge.png").write_bytes(huge_header_png(12000, 12000))  # refused unread
     (root / "automobile" / ".DS_Store").write_bytes(b"\0\0junk")  # hidden: skipped silently
     (root / "lonely").mkdir()
     (root / "lonely" / "only.png").write_bytes(good)
@@ -152,7 +155,7 @@ def test_the_cache_is_used_and_rebuilt_when_a_file_changes_or_is_added(folder_co
 
 
 def test_strict_refuses_and_fewer_than_two_classes_is_one_line(folder_copy, tmp_path):
-    with pytest.raises(UserError, match=r"6 file\(s\) or class\(es\) unusable with --strict"):
+    with pytest.raises(UserError, match=r"7 file\(s\) or class\(es\) unusable with --strict"):
         folder.load(folder_copy, store_size=STORE, strict=True, workers=1, progress=False)
     one = tmp_path / "one"
     (one / "cat").mkdir(parents=True)
