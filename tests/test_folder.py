@@ -130,28 +130,41 @@ def test_decoding_in_worker_processes_equals_decoding_here(image_folder, tmp_pat
 
 
 def test_the_cache_is_used_and_rebuilt_when_a_file_changes_or_is_added(folder_copy, monkeypatch):
+    """A hit decodes nothing; a changed or added file is decoded alone, the rest reused."""
     calls = []
     real = folder.decode_all
-    monkeypatch.setattr(folder, "decode_all", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        folder,
+        "decode_all",
+        lambda root, names, *a: calls.append(list(names)) or real(root, names, *a),
+    )
 
-    def load():
-        return folder.load(folder_copy, store_size=STORE, workers=1, progress=False)[0]
+    def load(size=STORE):
+        return folder.load(folder_copy, store_size=size, workers=1, progress=False)[0]
 
     first = load()
-    assert len(calls) == 1
+    everything = len(calls[0])
+    assert everything == 3 * PER_CLASS + 5  # every candidate file, the 5 bad ones included
     assert torch.equal(load().train_x, first.train_x) and len(calls) == 1  # a cache hit
     target = folder_copy / "bird" / "img00.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(target)  # changed content
     os.utime(target, ns=(1, 1))
-    load()
-    assert len(calls) == 2
+    changed = load()
+    assert calls[1] == ["bird/img00.png"]
+    files = changed.train_files + changed.test_files
+    pixels = torch.cat([changed.train_x, changed.test_x])[files.index("bird/img00.png")]
+    assert int(pixels.max()) == 0  # the new pixels, not the cached ones
     (folder_copy / "bird" / "new.png").write_bytes(target.read_bytes())  # a new file
     grown = load()
-    assert len(calls) == 3
+    assert calls[2] == ["bird/new.png"]
     assert len(grown.train_y) + len(grown.test_y) == 3 * PER_CLASS + 1
-    # A different stored size is another cache entry, not a stale hit.
-    other = folder.load(folder_copy, store_size=STORE + 8, workers=1, progress=False)[0]
-    assert len(calls) == 4 and other.image_size == STORE + 8
+    fresh = folder.load(
+        folder_copy, store_size=STORE, workers=1, progress=False, cache_dir=folder_copy.parent / "c"
+    )[0]
+    assert torch.equal(fresh.train_x, grown.train_x) and torch.equal(fresh.test_x, grown.test_x)
+    # A different stored size is another cache entry, decoded in full.
+    other = load(STORE + 8)
+    assert len(calls[-1]) == everything + 1 and other.image_size == STORE + 8
 
 
 def test_strict_refuses_and_fewer_than_two_classes_is_one_line(folder_copy, tmp_path):

@@ -45,13 +45,16 @@ def read(
 ) -> T | None:
     """What ``build`` makes of the cached dict if ``path`` is ours, current and intact; else
     None (with a warning when the file exists but is damaged). ``build`` checks the dict and
-    raises on anything a fresh load would refuse."""
+    raises on anything a fresh load would refuse. ``fingerprint=None`` accepts any source
+    state (an intact earlier cache, to reuse what did not change)."""
     if not path.is_file():
         return None
     try:
         blob = torch.load(path, weights_only=True)
-        if blob.get("version") != version or blob.get("fingerprint") != fingerprint:
-            return None  # the source changed (or an older release wrote it): rebuild quietly
+        if blob.get("version") != version:
+            return None  # an older release wrote it: rebuild quietly
+        if fingerprint is not None and blob.get("fingerprint") != fingerprint:
+            return None  # the source changed: rebuild quietly
         if digest([blob[k] for k in blob["tensors"]]) != blob.get("sha256"):
             raise UserError("content checksum mismatch")
         result = build(blob)
