@@ -343,3 +343,29 @@ def test_cli_describes_a_folder_and_refuses_a_missing_one_in_one_line(image_fold
     assert len(errors) == 1 and "no such folder" in errors[0]
     proc = _cli("train", "--store-size", "40", "--weights", "none")
     assert proc.returncode == 2 and "are for --data folder:PATH" in proc.stderr
+
+
+def test_torchrun_trains_on_a_folder_through_the_same_path(image_folder, tmp_path):
+    """Two CPU processes (gloo): rank 0 decodes and caches the folder, the other reads the
+    cache; the checkpoint names the folder's classes."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", "CIFAR10_DIST_TIMEOUT": "60"}
+    env["CIFAR10_RESNET50_CACHE"] = str(tmp_path / "cache")  # a cold cache: rank 0 decodes
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+        "--standalone",
+        "-m", "cifar10_resnet50", "train", "--data", f"folder:{image_folder}",
+        "--store-size", str(STORE), "--weights", "none", "--image-size", "32",
+        "--batch-size", "8", "--epochs", "1", "--device", "cpu", "--no-progress",
+        "--no-tensorboard", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batch 8 × 2 process(es) = 16" in done.stderr
+    model_meta = evaluate.checkpoint.load(out / "best.pt")["model_meta"]
+    assert model_meta["classes"] == list(CLASSES) and model_meta["input_size"] == STORE
+    assert json.loads((out / "splits.json").read_text())["left_out"] == EXPECTED_REPORT
