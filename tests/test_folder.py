@@ -220,25 +220,26 @@ def test_stratified_split_is_proportional_for_unbalanced_classes():
 # --------------------------------------------------------------------------- end to end
 
 
+def folder_config(root: Path, out: Path, **changes) -> C.Config:
+    """A run of seconds on the generated folder: from scratch, 32 px, on the CPU."""
+    settings = {
+        "data.source": f"folder:{root}",
+        "data.store_size": STORE,
+        "model.weights": "none",
+        "model.image_size": 32,
+        "train.epochs": 1,
+        "train.batch_size": 16,
+        "train.device": "cpu",
+        "train.out": str(out),
+        "train.progress": False,
+        "train.eval_batch_size": 50,
+    }
+    return C.override(C.Config(), {**settings, **changes})
+
+
 @pytest.fixture(scope="module")
 def folder_run(image_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("folder_run") / "run"
-    cfg = C.override(
-        C.Config(),
-        {
-            "data.source": f"folder:{image_folder}",
-            "data.store_size": STORE,
-            "model.weights": "none",
-            "model.image_size": 32,
-            "train.epochs": 1,
-            "train.batch_size": 16,
-            "train.device": "cpu",
-            "train.out": str(out),
-            "train.progress": False,
-            "train.eval_batch_size": 50,
-        },
-    )
-    return train.run(cfg)
+    return train.run(folder_config(image_folder, tmp_path_factory.mktemp("folder_run") / "run"))
 
 
 def test_a_folder_trains_end_to_end_and_its_checkpoint_knows_the_folder(
@@ -301,20 +302,7 @@ def test_predict_export_and_serve_use_the_folder_classes_and_size(folder_run, im
 
 def test_linear_probe_and_its_feature_cache_work_on_a_folder(image_folder, tmp_path):
     """The same code path as CIFAR-10: cached features keyed by the folder's pixels."""
-    cfg = C.override(
-        C.Config(),
-        {
-            "data.source": f"folder:{image_folder}",
-            "data.store_size": STORE,
-            "model.weights": "none",
-            "model.image_size": 32,
-            "train.strategy": "linear",
-            "train.device": "cpu",
-            "train.out": str(tmp_path / "probe"),
-            "train.progress": False,
-            "train.eval_batch_size": 50,
-        },
-    )
+    cfg = folder_config(image_folder, tmp_path / "probe", **{"train.strategy": "linear"})
     result = train.run(cfg)
     assert result.test is not None and result.test.classes == list(CLASSES)
 
