@@ -357,3 +357,16 @@ def test_torchrun_trains_on_a_folder_through_the_same_path(image_folder, tmp_pat
     model_meta = evaluate.checkpoint.load(out / "best.pt")["model_meta"]
     assert model_meta["classes"] == list(CLASSES) and model_meta["input_size"] == STORE
     assert json.loads((out / "splits.json").read_text())["left_out"] == EXPECTED_REPORT
+
+
+def test_gradual_and_progressive_run_on_a_folder(image_folder, tmp_path):
+    """The other strategies and progressive resizing take the folder's arrays as CIFAR-10's."""
+    cfg = folder_config(
+        image_folder,
+        tmp_path / "gradual",
+        **{"train.strategy": "gradual", "train.epochs": 2, "train.progressive": True},
+    )
+    result = train.run(cfg, final_eval=False)
+    assert result.epochs_done == 2
+    meta = evaluate.checkpoint.load(result.last)["model_meta"]
+    assert meta["classes"] == list(CLASSES) and meta["input_size"] == STORE
