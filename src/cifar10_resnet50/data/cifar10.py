@@ -358,8 +358,8 @@ def _check_counts(path_desc: str, labels: np.ndarray, per_class: int) -> None:
 def _check_arrays(where: str, arrays: Arrays) -> None:
     """What a loaded copy must satisfy; the tensor cache is held to it on every load."""
     shapes = (
-        tuple(arrays.train_x.shape) == (50000, 3, 32, 32)
-        and tuple(arrays.test_x.shape) == (10000, 3, 32, 32)
+        tuple(arrays.train_x.shape) == (50000, 3, IMAGE_SIZE, IMAGE_SIZE)
+        and tuple(arrays.test_x.shape) == (10000, 3, IMAGE_SIZE, IMAGE_SIZE)
         and arrays.train_x.dtype == arrays.test_x.dtype == torch.uint8
         and tuple(arrays.train_y.shape) == (50000,)
         and tuple(arrays.test_y.shape) == (10000,)
@@ -388,9 +388,9 @@ def read_folder(root: str | Path) -> Arrays:
     _check_counts(str(folder / "test_batch"), test_labels, 1000)
     # uint8 [N,3072] → uint8 [N,3,32,32]: each row is the 1024 R values, then G, then B.
     return Arrays(
-        train_x=torch.from_numpy(train_data).view(-1, 3, 32, 32),
+        train_x=torch.from_numpy(train_data).view(-1, 3, IMAGE_SIZE, IMAGE_SIZE),
         train_y=torch.from_numpy(train_labels),
-        test_x=torch.from_numpy(test_data).view(-1, 3, 32, 32),
+        test_x=torch.from_numpy(test_data).view(-1, 3, IMAGE_SIZE, IMAGE_SIZE),
         test_y=torch.from_numpy(test_labels),
         classes=classes,
     )

@@ -294,9 +294,9 @@ def _classes(scan: _Scan, usable: dict[str, bool], report: Report) -> tuple[str,
     classes = []
     for (split, name), files in scan.files.items():
         good = sum(usable[f] for f in files)
-        where = f"{split}/{name}/" if scan.split_layout else f"{name}/"
         if split != "train":
             continue
+        where = f"{split}/{name}/" if scan.split_layout else f"{name}/"
         if good >= 2:
             classes.append(name)
         elif good == 1:
@@ -380,10 +380,10 @@ def _arrays(
         train_x, train_y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
         train_files += val_files
     if not len(test_files):
-        n = int(len(train_y) * HOLDOUT_FRACTION) if test_size is None else test_size
-        keep, held = stratified_split(train_y, n, TEST_SEED, "--test-size")
         if val_index is not None:
             raise UserError(f"{root}: has val/ but no test/; add test/ or merge val/ into train/")
+        n = int(len(train_y) * HOLDOUT_FRACTION) if test_size is None else test_size
+        keep, held = stratified_split(train_y, n, TEST_SEED, "--test-size")
         keep = keep.sort().values  # file order, so the cache order is the same every time
         test_x, test_y, test_files = train_x[held], train_y[held], [train_files[i] for i in held]
         train_x, train_y = train_x[keep], train_y[keep]
