@@ -176,14 +176,17 @@ def test_ctrl_c_saves_last_and_resume_finishes_the_run(synthetic_root, tmp_path)
         "train", "--data-dir", str(synthetic_root), "--no-download", "--weights", "none",
         "--image-size", "32", "--subset", "2048", "--batch-size", "16", "--epochs", "1",
         "--val-size", "20", "--device", "cpu", "--no-progress", "--out", str(out),
+        "--checkpoint-every", "4",
     ]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "cifar10_resnet50", *args], stderr=subprocess.PIPE, text=True
     )
-    for line in proc.stderr:  # the loop starts right after this line
-        if line.startswith("training resnet50"):
-            break
-    time.sleep(2.0)  # some steps into the 128-step epoch
+    # Signal once the run has steps behind it: --checkpoint-every 4 writes last.pt at step 4
+    # (a wait on evidence, not on a guess of this machine's speed).
+    deadline = time.monotonic() + 300  # only a guard against a hang
+    while not (out / "last.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
     assert proc.wait(60) == 130, rest
@@ -191,7 +194,8 @@ def test_ctrl_c_saves_last_and_resume_finishes_the_run(synthetic_root, tmp_path)
     from cifar10_resnet50 import checkpoint
 
     state = checkpoint.load(out / "last.pt")["train_state"]
-    assert state["epoch"] == 0 and 0 < state["batch"] < 128
+    stopped_at = int(rest.split("stopped at epoch 1, batch ")[1].split(";")[0])
+    assert state["epoch"] == 0 and 4 <= state["batch"] == stopped_at < 128
     done = run_cli(*args, "--resume")
     assert done.returncode == 0, done.stderr
     assert checkpoint.load(out / "last.pt")["train_state"]["epoch"] == 1

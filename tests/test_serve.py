@@ -235,3 +235,41 @@ def test_only_non_loopback_hosts_get_the_no_authentication_warning():
     assert serve.exposure_warning("localhost") is None
     assert serve.exposure_warning("::1") is None
     assert "no authentication" in serve.exposure_warning("0.0.0.0")
+
+
+def test_decoding_is_granted_in_arrival_order_so_a_good_request_never_waits_out_a_hostile_one(
+    monkeypatch,
+):
+    """One decode thread. A request of 5 hostile images is decoding its first (held until we
+    release it) when a good request arrives: the good image is decoded before the hostile
+    request's third, so it waits for what was queued before it, never for the whole hostile
+    request (the order is the promise; how long that takes depends on the machine)."""
+    from cifar10_resnet50 import images
+
+    started, first_held = [], threading.Event()
+
+    def decode(data, name, **limits):
+        started.append(name)
+        if name == "h0":
+            first_held.wait(30)  # a guard against a hang only
+        return name
+
+    monkeypatch.setattr(images, "decode", decode)
+    monkeypatch.setattr(images, "header_pixels", lambda data, limit: 1)
+    decoder = serve.Decoder(ServeConfig(decode_workers=1))
+
+    async def main():
+        deadline = serve.Deadline(60)
+        hostile = asyncio.create_task(
+            decoder.decode([(f"h{i}", b"") for i in range(5)], 32, deadline)
+        )
+        while "h0" not in started:
+            await asyncio.sleep(0.01)
+        good = asyncio.create_task(decoder.decode([("g", b"")], 32, deadline))
+        await asyncio.sleep(0.05)  # the good request queues for the thread
+        first_held.set()
+        return await hostile, await good
+
+    assert _run(main()) == (["h0", "h1", "h2", "h3", "h4"], ["g"])
+    decoder.stop()
+    assert started.index("g") < started.index("h2"), started

@@ -33,6 +33,34 @@ LADDER = {"cpu": (32, 48, 64, 96, 128), "cuda": (96, 128, 160, 192, 224)}
 MIN_EPOCHS = 5
 PROBE_FIT_S = {"cpu": 40.0, "cuda": 10.0}  # L-BFGS over the L2 grid on 95,000 features
 FINAL_FIXED_S = 2.0  # the test report's plots and curves.png: ~1.7 s on this 2-core CPU
+# Timing steps before training may take this share of the budget, or PLAN_MIN_S when that is
+# more (a few real steps are needed whatever the budget); sizes past it are estimated.
+PLAN_SHARE = 0.10
+PLAN_MIN_S = 3.0
+
+
+def planning_allowance(budget_s: float) -> float:
+    """Seconds that timing steps may take before a run of ``budget_s``."""
+    return max(PLAN_SHARE * budget_s, PLAN_MIN_S)
+
+
+def scaled(seconds: float, measured_px: int, px: int) -> float:
+    """A time measured at ``measured_px`` carried to ``px`` by the pixel count. A step's work
+    grows with the pixels; on a GPU at small sizes time grows less than that, so this errs
+    long, which plans a run that ends early rather than late."""
+    return seconds * (px / measured_px) ** 2
+
+
+def epochs_that_fit(left_s: float, planned_s: tuple[float, ...], slower: float) -> int:
+    """How many of the epochs left (their planned seconds ``planned_s``) fit in ``left_s`` when
+    each takes ``slower`` times its plan. Counted from the last ones: with progressive resizing
+    or a frozen start, the last epochs are the dearest, and a shortened run ends with them."""
+    total = 0.0
+    for kept, seconds in enumerate(reversed(planned_s)):
+        total += seconds * slower
+        if total > left_s:
+            return kept
+    return len(planned_s)
 
 
 def format_duration(seconds: float) -> str:
@@ -79,6 +107,7 @@ class Plan:
     final_s: float  # the test evaluation
     budget_s: float
     elapsed_s: float  # spent before training: set-up and the timing steps
+    epoch_s: tuple[float, ...] = ()  # each epoch's planned seconds (steps, validation, saves)
 
     @property
     def eta_s(self) -> float:
@@ -114,12 +143,16 @@ def _epoch_sizes(shape: Shape, size: int, epochs: int) -> list[int]:
     return progressive_sizes(size, epochs) if shape.progressive else [size] * epochs
 
 
-def _step_sum(shape: Shape, t: Timings, size: int, epochs: int) -> float:
-    """Seconds of one step in each epoch, summed over the epochs (sizes and frozen phases
-    differ between epochs)."""
+def _step_times(shape: Shape, t: Timings, size: int, epochs: int) -> list[float]:
+    """Seconds of one step in each epoch (sizes and frozen phases differ between epochs)."""
     sizes = _epoch_sizes(shape, size, epochs)
     frozen = [shape.strategy == "gradual" and e < shape.freeze_epochs for e in range(epochs)]
-    return sum(t.step_s(s, f) for s, f in zip(sizes, frozen, strict=True))
+    return [t.step_s(s, f) for s, f in zip(sizes, frozen, strict=True)]
+
+
+def _step_sum(shape: Shape, t: Timings, size: int, epochs: int) -> float:
+    """Seconds of one step in each epoch, summed over the epochs."""
+    return sum(_step_times(shape, t, size, epochs))
 
 
 def _epoch_overhead_s(shape: Shape, t: Timings, size: int) -> float:
@@ -179,16 +212,18 @@ def plan(
         )
     size, epochs, steps = chosen
     step_time = steps * _step_sum(shape, timings, size, epochs)
+    overhead = _epoch_overhead_s(shape, timings, size)
     return Plan(
         epochs=epochs,
         steps_per_epoch=steps,
         image_size=size,
         sizes=tuple(_epoch_sizes(shape, size, epochs)),
         images_per_s=epochs * steps * shape.global_batch / step_time,
-        train_s=step_time + epochs * _epoch_overhead_s(shape, timings, size),
+        train_s=step_time + epochs * overhead,
         final_s=_final_s(shape, timings, size),
         budget_s=budget_s,
         elapsed_s=elapsed_s,
+        epoch_s=tuple(steps * s + overhead for s in _step_times(shape, timings, size, epochs)),
     )
 
 

@@ -298,7 +298,12 @@ class Run:
     forward: torch.nn.Module | None = None  # the model as trained: DDP- and/or compile-wrapped
     frozen: bool | None = None  # the backbone state ``forward`` was built for
     plan: budget.Plan | None = None  # --budget's plan
-    started: float = 0.0  # time.perf_counter() when the command started (for --budget)
+    started: float = 0.0  # clock() when the command started (for --budget)
+    # The run's clock (seconds) and what is called after each optimizer step, the loop's and
+    # the budget timer's: tests pass a clock that advances per step, so the budget's promise
+    # is checked exactly, whatever this machine's speed at that moment.
+    clock: Callable[[], float] = time.perf_counter
+    after_step: Callable[[], None] | None = None
 
     def size_at(self, epoch: int) -> int:
         """Training resolution of an epoch (``--progressive``); always the model's own for
@@ -477,6 +482,8 @@ def _train_step(
     r.scaler.step(r.optimizer)
     r.scaler.update()
     r.scheduler.step()
+    if r.after_step is not None:
+        r.after_step()
     return loss.detach(), logits.detach()
 
 
@@ -502,7 +509,7 @@ def _train_epoch(
         leave=False,
     )
     t0, seen0, pending, pending_from, timed_from = (
-        time.perf_counter(),
+        r.clock(),
         state.sums["seen"],
         [],
         state.step,
@@ -546,7 +553,7 @@ def _train_epoch(
             raise _non_finite_error(bad, r.steps_per_epoch)
         window = float(torch.stack(pending).float().mean())
         pending, pending_from = [], state.step
-        rate = (state.sums["seen"] - seen0) * process.world_size / (time.perf_counter() - t0)
+        rate = (state.sums["seen"] - seen0) * process.world_size / max(r.clock() - t0, 1e-9)
         bar.set_postfix(loss=f"{window:.3f}", img_s=f"{rate:.0f}", **_budget_eta(r, state))
         board.step(state.step, window, r.scheduler.get_last_lr()[-1], rate)
         timed_from = _maybe_compile(r, state, timed_from)
@@ -567,7 +574,7 @@ def _maybe_compile(r: Run, state: checkpoint.RunState, timed_from: tuple | None)
         return ()
     if r.device.type == "cuda":
         torch.cuda.synchronize(r.device)
-    now = (time.perf_counter(), state.step)
+    now = (r.clock(), state.step)
     if timed_from is None:
         return now  # start timing after the first sync (warm-up steps excluded)
     if state.step - timed_from[1] < TIMED_STEPS:
@@ -598,16 +605,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _agree(r: Run, value: float) -> float:
-    """The mean over the processes, so that every rank plans alike."""
+def _mean_over_ranks(r: Run, value: float) -> float:
+    """The mean of ``value`` over the processes: every rank then plans alike (the same
+    float on each), so no rank takes a branch that holds a collective the others skip."""
     t = torch.tensor([value], dtype=torch.float64, device=r.device)
     return float(r.process.all_reduce(t)) / r.process.world_size
 
 
-def _time_steps(r: Run, size: int, frozen: bool, warmup: int = 2, timed: int = 8) -> float:
-    """Seconds per optimizer step at ``size`` px: real steps of this run, timed after a
-    warm-up step, then undone (weights, BatchNorm statistics, optimizer, schedule, scaler)."""
-    t = r.cfg.train
+def _time_steps(r: Run, size: int, frozen: bool, deadline: float, timed: int = 8) -> float:
+    """Seconds per optimizer step at ``size`` px: real steps of this run on its own augmented
+    batches (mixup and CutMix included), timed after one warm-up step, then undone (weights,
+    BatchNorm statistics, optimizer, schedule, scaler). As many timed steps as the warm-up
+    step's time says fit before ``deadline`` (at least 1, at most ``timed``), the same
+    number on every rank."""
+    t, a = r.cfg.train, r.cfg.augment
     snapshot = copy.deepcopy(
         [m.state_dict() for m in (r.model, r.optimizer, r.scheduler, r.scaler)]
     )
@@ -617,41 +628,50 @@ def _time_steps(r: Run, size: int, frozen: bool, warmup: int = 2, timed: int = 8
     batches = itertools.chain.from_iterable(
         augment.train_batches(
             r.train_x, r.train_y, batch_size=t.batch_size, seed=t.seed, epoch=epoch,
-            padding=r.cfg.augment.crop_padding, flip=r.cfg.augment.flip,
+            padding=a.crop_padding, flip=a.flip, mixup=a.mixup, cutmix=a.cutmix,
             num_classes=r.meta["num_classes"], rank=r.process.rank,
             world_size=r.process.world_size,
         )
         for epoch in itertools.count()
     )  # fmt: skip
     with at_size(r.model, size):
-        for n, (_, xb, _, target) in enumerate(itertools.islice(batches, warmup + timed)):
-            if n == warmup:
-                _sync(r.device)
-                t0 = time.perf_counter()
+        _, xb, _, target = next(batches)
+        t0 = r.clock()
+        _train_step(r, forward, xb, target)  # a new shape pays its kernels' set-up here
+        _sync(r.device)
+        warm = max(r.clock() - t0, 1e-6)
+        fits = _mean_over_ranks(r, (deadline - r.clock()) / warm)
+        n = int(min(timed, max(1, fits)))
+        t0 = r.clock()
+        for _, xb, _, target in itertools.islice(batches, n):
             _train_step(r, forward, xb, target)
         _sync(r.device)
-    seconds = (time.perf_counter() - t0) / timed
+        seconds = (r.clock() - t0) / n
     for module, state in zip((r.model, r.optimizer, r.scheduler, r.scaler), snapshot, strict=True):
         module.load_state_dict(state)
-    return _agree(r, seconds)
+    return _mean_over_ranks(r, seconds)
 
 
-def _time_eval(r: Run, size: int, min_seconds: float = 1.0, max_batches: int = 8) -> float:
+def _time_eval(
+    r: Run, size: int, deadline: float, min_seconds: float = 1.0, max_batches: int = 8
+) -> float:
     """Seconds per evaluated image at ``size`` px: evaluation batches timed after one of the
     same shape (a first batch of a new shape pays the kernels' set-up on a CPU), for at least
-    ``min_seconds`` or ``max_batches`` batches (2 at least)."""
+    ``min_seconds`` or ``max_batches`` batches (2 at least), or until ``deadline`` (1 at
+    least). No collectives inside: ranks may time different counts."""
     bs = r.cfg.train.eval_batch_size
     images = r.arrays.test_x
     kwargs = dict(device=r.device, amp_dtype=r.amp_dtype, channels_last=r.cfg.train.channels_last)
     with at_size(r.model, size):
         evaluate.predict_logits(r.model, images[:bs], batch_size=bs, **kwargs)
-        t0, n = time.perf_counter(), 0
+        t0, n = r.clock(), 0
         for start in range(bs, min(len(images), bs * (max_batches + 1)), bs):
             evaluate.predict_logits(r.model, images[start : start + bs], batch_size=bs, **kwargs)
             n += len(images[start : start + bs])
-            if n >= 2 * bs and time.perf_counter() - t0 >= min_seconds:
+            now = r.clock()
+            if (n >= 2 * bs and now - t0 >= min_seconds) or now >= deadline:
                 break
-    return _agree(r, (time.perf_counter() - t0) / max(1, n))
+    return _mean_over_ranks(r, (r.clock() - t0) / max(1, n))
 
 
 def _time_save(r: Run) -> float:
@@ -668,11 +688,11 @@ def _time_save(r: Run) -> float:
         state = r.model.state_dict()
         copies = 2 if r.cfg.optim.optimizer == "sgd" else 3
         probe = r.out / ".budget-timing.pt"
-        t0 = time.perf_counter()
+        t0 = r.clock()
         save_torch({f"copy{i}": state for i in range(copies)}, probe)  # last.pt's size
-        t1 = time.perf_counter()
+        t1 = r.clock()
         save_torch({"model": state}, probe)  # best.pt's, written in about half the epochs
-        seconds = (t1 - t0) + (time.perf_counter() - t1) / 2
+        seconds = (t1 - t0) + (r.clock() - t1) / 2
         probe.unlink(missing_ok=True)
         if r.cfg.train.tensorboard and len(r.val_x):
             folder = Path(tempfile.mkdtemp(prefix="budget-board-"))
@@ -680,30 +700,56 @@ def _time_save(r: Run) -> float:
             n = min(len(r.val_x), r.cfg.train.eval_batch_size)
             logits = torch.zeros(n, r.meta["num_classes"])
             board.predictions(0, r.val_x[:n], logits, r.val_y[:n], r.meta["classes"])
-            t0 = time.perf_counter()  # the second call: the first pays matplotlib's set-up
+            t0 = r.clock()  # the second call: the first pays matplotlib's set-up
             board.predictions(1, r.val_x[:n], logits, r.val_y[:n], r.meta["classes"])
-            seconds += time.perf_counter() - t0
+            seconds += r.clock() - t0
             board.close()
             shutil.rmtree(folder, ignore_errors=True)
-    return _agree(r, seconds)
+    return _mean_over_ranks(r, seconds)
 
 
-def _timings(r: Run) -> budget.Timings:
-    """Timings measured on demand, once per (size, frozen) and size."""
+def _fits(r: Run, seconds: float, deadline: float) -> bool:
+    """Whether timing that takes ~``seconds`` still fits before ``deadline``. Agreed, so every
+    rank takes the same branch (timing steps hold collectives)."""
+    return seconds <= _mean_over_ranks(r, deadline - r.clock())
+
+
+def _step_timer(r: Run, deadline: float) -> Callable[[int, bool], float]:
+    """Seconds per step at (size, frozen), measured once each. Planning may use the time up
+    to ``deadline`` (a share of the budget): past it, a larger size's time is estimated from
+    the largest one measured (:func:`budget.scaled`) instead of timed, so planning never
+    eats the budget, whatever the data or batch size (a 2-minute budget on a 162-image
+    folder once spent 6 minutes timing five sizes, then refused)."""
     steps: dict[tuple[int, bool], float] = {}
-    evals: dict[int, float] = {}
 
     def step_s(size: int, frozen: bool) -> float:
         if (size, frozen) not in steps:
-            steps[(size, frozen)] = _time_steps(r, size, frozen)
+            known = [s for s, f in steps if f == frozen]
+            guess = known and budget.scaled(steps[(max(known), frozen)], max(known), size)
+            if guess and not _fits(r, 3 * guess, deadline):  # warm-up + 2 timed steps
+                log.info("budget: the %d px step time is estimated from %d px", size, max(known))
+                steps[(size, frozen)] = guess
+            else:
+                steps[(size, frozen)] = _time_steps(r, size, frozen, deadline)
         return steps[(size, frozen)]
+
+    return step_s
+
+
+def _eval_timer(r: Run, deadline: float) -> Callable[[int], float]:
+    """Seconds per evaluated image at a size, measured once each (estimated past
+    ``deadline``, as :func:`_step_timer`)."""
+    evals: dict[int, float] = {}
 
     def eval_s(size: int) -> float:
         if size not in evals:
-            evals[size] = _time_eval(r, size)
+            guess = evals and budget.scaled(evals[max(evals)], max(evals), size)
+            batches = 3 * r.cfg.train.eval_batch_size  # warm-up + 2 timed batches
+            fits = not guess or _fits(r, guess * batches, deadline)
+            evals[size] = _time_eval(r, size, deadline) if fits else guess
         return evals[size]
 
-    return budget.Timings(step_s, eval_s, _time_save(r))
+    return eval_s
 
 
 def _plan_budget(r: Run, auto_size: bool, final_eval: bool) -> Run:
@@ -723,10 +769,18 @@ def _plan_budget(r: Run, auto_size: bool, final_eval: bool) -> Run:
         calibration_images=len(r.val_idx),
     )
     sizes = budget.LADDER[r.device.type] if auto_size else (r.cfg.model.image_size,)
-    timings = _timings(r)
-    budget.plan(budget_s, time.perf_counter() - r.started, shape, timings, sizes)  # times
+    allowance = budget.planning_allowance(budget_s)
+    log.info("budget %s: timing real steps to plan the run (≤ ~%.0f s)", t.budget, allowance)
+    deadline = r.clock() + allowance
+    timings = budget.Timings(_step_timer(r, deadline), _eval_timer(r, deadline), _time_save(r))
+
+    def elapsed() -> float:
+        return _mean_over_ranks(r, r.clock() - r.started)
+
+    with contextlib.suppress(UserError):  # (the error, if any, comes next with the right set-up)
+        budget.plan(budget_s, elapsed(), shape, timings, sizes)  # times what the plan needs
     # Again with the timing steps' own time counted: the timings are measured by now.
-    plan = budget.plan(budget_s, _agree(r, time.perf_counter() - r.started), shape, timings, sizes)
+    plan = budget.plan(budget_s, elapsed(), shape, timings, sizes)
     if t.strategy == "gradual" and plan.epochs <= t.freeze_epochs:
         raise UserError(
             f"--budget {t.budget} leaves {plan.epochs} epoch(s), not one more than "
@@ -734,30 +788,95 @@ def _plan_budget(r: Run, auto_size: bool, final_eval: bool) -> Run:
         )
     log.info("%s", plan.describe())
     # `--compile auto` stays eager: a compile's cost (65 s on an H100) is not plannable.
-    r = _replanned(r, plan.image_size, {"budget": t.budget, **dataclasses.asdict(plan)},
+    r = _replanned(r, plan.image_size, {"budget": t.budget, **dataclasses.asdict(plan), "eta_s": plan.eta_s},
                    epochs=plan.epochs, steps_per_epoch=plan.steps_per_epoch,
                    compile="off" if t.compile == "auto" else t.compile)  # fmt: skip
-    o = r.cfg.optim
-    scheduler = make_scheduler(
-        r.optimizer, o.schedule, plan.epochs * plan.steps_per_epoch, o.warmup
-    )
+    scheduler = _rescheduled(r, plan.epochs * plan.steps_per_epoch)
     return dataclasses.replace(
         r, scheduler=scheduler, steps_per_epoch=plan.steps_per_epoch, plan=plan
     )
+
+
+def _rescheduled(r: Run, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule for ``total_steps`` in all, at the current step: as built on resume from
+    a config that had those epochs from the start."""
+    o = r.cfg.optim
+    scheduler = make_scheduler(r.optimizer, o.schedule, total_steps, o.warmup)
+    scheduler.load_state_dict(r.scheduler.state_dict())  # the position (steps done)
+    for group, base, factor in zip(
+        r.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    return scheduler
+
+
+def _keep_to_budget(r: Run, state: checkpoint.RunState, epoch_s: float) -> Run:
+    """``--budget`` on a machine slower than when it was planned (a busy CPU, a throttled
+    card): after each epoch, if the epochs left — at the last epoch's measured speed — and
+    the final evaluation would overrun the budget, drop the epochs that do not fit. The
+    schedule is re-planned for the new total (cosine to 0 at the new end) and config.json
+    and plan.json say so, so --resume follows. A run therefore ends within the budget plus
+    at most one epoch (the one during which it slowed down). Never adds epochs."""
+    p, epochs = r.plan, r.cfg.train.epochs
+    if p is None or state.epoch >= epochs:
+        return r
+    epoch_s = _mean_over_ranks(r, epoch_s)
+    slower = max(1.0, epoch_s / p.epoch_s[state.epoch - 1])
+    left = p.budget_s - _mean_over_ranks(r, r.clock() - r.started) - p.final_s * slower
+    keep = budget.epochs_that_fit(left, p.epoch_s[state.epoch : epochs], slower)
+    if keep >= epochs - state.epoch:
+        return r
+    new = state.epoch + keep
+    log.warning(
+        "budget %s: epoch %d took %s, %.1f× its plan; %d epochs instead of %d, to end in time",
+        budget.format_duration(p.budget_s), state.epoch, budget.format_duration(epoch_s),
+        slower, new, epochs,
+    )  # fmt: skip
+    record = {"after_epoch": state.epoch, "epochs": new, "epoch_s": round(epoch_s, 2)}
+    cfg = dataclasses.replace(r.cfg, train=dataclasses.replace(r.cfg.train, epochs=new))
+    r = dataclasses.replace(r, cfg=cfg, scheduler=_rescheduled(r, new * r.steps_per_epoch))
+    r.saver.config = cfg.to_dict()
+    if r.process.is_main:
+        write_json(r.out / "config.json", cfg.to_dict())
+        _update_plan_file(r, lambda rec: rec.setdefault("replans", []).append(record))
+    return r
+
+
+def _update_plan_file(r: Run, change: Callable[[dict[str, Any]], Any]) -> None:
+    path = r.out / "plan.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    change(record)
+    write_json(path, record)
+
+
+def _report_budget(r: Run) -> None:
+    """Planned against actual, in the log and in plan.json (``actual_s``)."""
+    if r.plan is None:
+        return
+    actual = r.clock() - r.started
+    log.info(
+        "budget %s: planned to end at ~%s, ended at %s (%+.0f%% of the budget)",
+        budget.format_duration(r.plan.budget_s), budget.format_duration(r.plan.eta_s),
+        budget.format_duration(actual), 100 * (actual / r.plan.budget_s - 1),
+    )  # fmt: skip
+    if r.process.is_main:
+        _update_plan_file(r, lambda rec: rec.update(actual_s=round(actual, 2)))
 
 
 def _plan_probe_budget(r: Run, auto_size: bool) -> Run:
     """``--strategy linear`` has no epochs to plan: the budget picks the resolution (the
     largest whose feature pass fits), or says in one line that none does."""
     t = r.cfg.train
+    budget_s = parse_duration(t.budget)
     feature_images = (len(r.train_idx) + len(r.val_idx)) * (2 if t.probe_mirrors else 1)
     sizes = budget.LADDER[r.device.type] if auto_size else (r.cfg.model.image_size,)
+    eval_s = _eval_timer(r, r.clock() + budget.planning_allowance(budget_s))
     size, estimate = budget.plan_probe(
-        parse_duration(t.budget),
-        lambda: _agree(r, time.perf_counter() - r.started),
+        budget_s,
+        lambda: _mean_over_ranks(r, r.clock() - r.started),
         feature_images,
         len(r.arrays.test_x) + len(r.val_idx),  # + the temperature's validation pass
-        lambda px: _time_eval(r, px),
+        eval_s,
         sizes,
         budget.PROBE_FIT_S[r.device.type],
     )
@@ -797,7 +916,7 @@ def _budget_eta(r: Run, state: checkpoint.RunState) -> dict[str, str]:
         return {}
     p = r.plan
     expected = p.elapsed_s + p.train_s * state.step / (p.epochs * p.steps_per_epoch)
-    end = p.eta_s + (time.perf_counter() - r.started) - expected
+    end = p.eta_s + (r.clock() - r.started) - expected
     return {"eta": f"{budget.format_duration(end)}/{budget.format_duration(p.budget_s)}"}
 
 
@@ -1050,22 +1169,26 @@ def run(
     stop_after_steps: int | None = None,
     process: Process | None = None,
     started: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    after_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train as ``cfg`` says; returns where the checkpoints are and the final test report.
 
     ``stop_after_steps`` stops (and saves ``last``) exactly as Ctrl-C does, after that many
     optimizer steps in total: the tests use it to interrupt a run deterministically. Under
     torchrun the process group is set up from the environment and closed at the end.
-    ``started``: the ``time.perf_counter()`` that ``--budget`` counts from (the CLI passes its
-    own start, so importing torch counts too).
+    ``started``: the ``clock()`` that ``--budget`` counts from (the CLI passes its own start,
+    so importing torch counts too). ``clock`` (seconds) and ``after_step`` (called after each
+    optimizer step) let a test run the budget on a clock of its own.
     """
-    started = started or time.perf_counter()  # --budget counts from here
+    started = clock() if started is None else started  # --budget counts from here
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     own = process is None
     process = process or Process.from_env(pick_device(cfg.train.device).type)
     try:
-        return _run(cfg, resume, final_eval, stop_after_steps, process, started)
+        timing = {"started": started, "clock": clock, "after_step": after_step}
+        return _run(cfg, resume, final_eval, stop_after_steps, process, timing)
     finally:
         if own:
             process.close()
@@ -1076,17 +1199,23 @@ def _start(
     out: Path,
     process: Process,
     saved: dict | None,
-    started: float,
+    timing: dict[str, Any],
     auto_size: bool,
     final_eval: bool,
 ) -> tuple[Run, checkpoint.RunState]:
     """The built run (planned, under --budget) and its position (restored, when resuming)."""
-    r = dataclasses.replace(_build(cfg, out, process), started=started)
+    new_folder = not out.exists()
+    r = dataclasses.replace(_build(cfg, out, process), **timing)
     if cfg.train.budget and saved is None:
-        if cfg.train.strategy == "linear":
-            r = _plan_probe_budget(r, auto_size)
-        else:
-            r = _plan_budget(r, auto_size, final_eval)
+        try:
+            if cfg.train.strategy == "linear":
+                r = _plan_probe_budget(r, auto_size)
+            else:
+                r = _plan_budget(r, auto_size, final_eval)
+        except UserError:
+            if process.is_main:  # a refused budget leaves nothing behind
+                _remove_run_files(out, new_folder)
+            raise
     state = checkpoint.RunState()
     if saved is not None:
         state = r.saver.restore(saved, r.model, r.optimizer, r.scheduler, r.scaler)
@@ -1124,7 +1253,7 @@ def _run(
     final_eval: bool,
     stop_after: int | None,
     process: Process,
-    started: float,
+    timing: dict[str, Any],
 ) -> TrainResult:
     auto_size = cfg.model.image_size is None  # --budget may choose it
     cfg, out, saved = _setup(cfg, resume, process)
@@ -1134,7 +1263,7 @@ def _run(
         best = out / "best.pt" if (out / "best.pt").exists() else None
         ts = saved["train_state"]
         return TrainResult(out, out / "last.pt", best, ts["best_val_acc"], done, False, None, True)
-    r, state = _start(cfg, out, process, saved, started, auto_size, final_eval)
+    r, state = _start(cfg, out, process, saved, timing, auto_size, final_eval)
     cfg, t = r.cfg, r.cfg.train  # as planned by --budget
     if t.strategy == "linear":
         return _linear_probe(r, state, final_eval)
@@ -1144,8 +1273,8 @@ def _run(
     stopped = False
     try:
         with StopFlag() as stop:
-            while state.epoch < t.epochs and not stopped:
-                t0, seen0 = time.perf_counter(), float(state.sums["seen"])
+            while state.epoch < r.cfg.train.epochs and not stopped:  # --budget may shorten
+                t0, seen0 = r.clock(), float(state.sums["seen"])
                 stopped = _train_epoch(r, state, stop, board, stop_after)
                 if stopped:
                     log.warning(
@@ -1155,7 +1284,8 @@ def _run(
                         out,
                     )
                     break
-                _end_epoch(r, state, board, time.perf_counter() - t0, seen0)
+                _end_epoch(r, state, board, r.clock() - t0, seen0)
+                r = _keep_to_budget(r, state, r.clock() - t0)
     finally:
         board.close()
     report = None
@@ -1168,6 +1298,8 @@ def _run(
 
         training_curves(rows, out / "curves.png", _curves_title(out, rows, report))
     best = r.saver.best if r.saver.best.exists() else None
+    if not stopped:
+        _report_budget(r)
     return TrainResult(out, r.saver.last, best, state.best_val_acc, state.epoch, stopped, report)
 
 
@@ -1202,6 +1334,17 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
                 "Remove that line to resume."
             ) from None
     return rows
+
+
+def _remove_run_files(out: Path, new_folder: bool) -> None:
+    """What a run that never started wrote: its folder if it made it, else its own files."""
+    import shutil
+
+    if new_folder:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in ("config.json", "splits.json", "plan.json", ".budget-timing.pt"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
