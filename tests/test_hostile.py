@@ -17,7 +17,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -85,14 +84,21 @@ def test_symlink_output_is_written_through_and_stays_a_link(tmp_path):
 def test_fifo_and_character_devices_are_written_in_place_never_replaced(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    got = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
-    reader.start()
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader is there first
+    os.set_blocking(reader, True)
     fileio.write_bytes(fifo, b"through the pipe")
-    reader.join(10)
-    assert got == [b"through the pipe"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    with os.fdopen(reader, "rb") as f:
+        assert f.read() == b"through the pipe" and stat.S_ISFIFO(os.stat(fifo).st_mode)
     fileio.write_bytes("/dev/null", b"x" * 100)
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_a_fifo_nobody_reads_is_a_one_line_error_not_a_hang(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(fileio.WriteError, match="FIFO that no process is reading"):
+        fileio.write_bytes(fifo, b"nobody listens")  # before: blocked in open() forever
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
 def test_dash_means_stdout(capfd):
@@ -679,3 +685,37 @@ def test_model_meta_roundtrip_is_valid():
     from cifar10_resnet50.meta import validate_meta
 
     assert validate_meta(M.model_meta("none", 32, CIFAR10_CLASSES, 32), "x")["num_classes"] == 10
+
+
+# ---------------------------------------------------------------- special files never block
+
+
+def _cli_process(*args, env=None, timeout=120):
+    """The CLI in its own process; the timeout only guards against the hang being tested."""
+    return subprocess.run(
+        [sys.executable, "-m", "cifar10_resnet50", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def test_predict_output_to_a_fifo_nobody_reads_is_refused_in_one_line(tiny_checkpoint, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    image = tmp_path / "a.png"
+    image.write_bytes(_png(np.zeros((32, 32, 3), np.uint8)))
+    done = _cli_process("predict", tiny_checkpoint, image, "--format", "csv", "--output", fifo)
+    assert done.returncode == 2, done.stderr
+    assert "no process is reading" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_fifo_where_the_tensor_cache_goes_is_refused_in_one_line(synthetic_root, tmp_path):
+    env = {**os.environ, "CIFAR10_RESNET50_CACHE": str(tmp_path / "cache")}
+    first = _cli_process("data", "info", "--data-dir", synthetic_root, env=env)
+    assert first.returncode == 0, first.stderr
+    [cached] = (tmp_path / "cache" / "tensors").glob("cifar10-*.pt")
+    cached.unlink()
+    os.mkfifo(cached)
+    done = _cli_process("data", "info", "--data-dir", synthetic_root, env=env)
+    assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -167,7 +167,34 @@ def test_readme_notebook_example_runs(synthetic_root, tmp_path, monkeypatch):
     code = readme.split("```python\n")[1].split("```")[0]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CIFAR10_DATA_DIR", str(synthetic_root))
-    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / "photo.jpg")
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
-    assert namespace["predictions"][0]["label"] in namespace["model"].classes
+    assert (tmp_path / "photo.jpg").is_file()  # the example makes the file it predicts
+    first = namespace["predictions"][0]
+    assert first["label"] in namespace["model"].classes
+
+
+def test_api_predictions_have_the_fields_of_the_cli_json(tiny_checkpoint, test_pngs, capsys):
+    paths = test_pngs[0][:2]
+    assert cli.main(["predict", str(tiny_checkpoint), *map(str, paths), "--format", "json"]) == 0
+    from_cli = json.loads(capsys.readouterr().out)
+    from_api = api.load(tiny_checkpoint).predict([str(p) for p in paths], top_k=3)
+    assert [row["top"] for row in from_api] == [row["top"] for row in from_cli]
+    assert all(row["top"][0] == {"label": row["label"], "probability": row["probability"]}
+               for row in from_api)  # fmt: skip
+
+
+def test_api_train_logs_the_epoch_summary_like_the_cli(synthetic_root, tmp_path, capfd):
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()  # a fresh notebook: nothing set up (pytest adds its own handlers)
+    try:
+        api.train(data_dir=str(synthetic_root), download=False, weights="none", image_size=32,
+                  epochs=1, subset=32, val_size=20, batch_size=16, device="cpu", progress=False,
+                  tensorboard=False, out=str(tmp_path / "run"))  # fmt: skip
+    finally:
+        root.handlers[:] = saved
+        logging.getLogger("cifar10_resnet50").handlers.clear()
+    assert "epoch 1/1  train loss" in capfd.readouterr().err

@@ -48,10 +48,28 @@ def train(
 ):
     """Train (or ``resume`` the run in ``out``); returns ``train.TrainResult`` (``.best``,
     ``.last``, ``.out_dir``, ``.test`` the final test report). ``started``: the
-    ``time.perf_counter()`` a ``budget`` counts from (default: this call)."""
+    ``time.perf_counter()`` a ``budget`` counts from (default: this call). Progress and the
+    epoch summaries are logged as the CLI prints them (to stderr) unless the caller has set
+    up logging itself."""
     from .training import train as train_lib
 
+    _log_like_the_cli()
     return train_lib.run(_config(config, settings), resume=resume, started=started)
+
+
+def _log_like_the_cli() -> None:
+    """A notebook has no logging set up: show the package's INFO lines (epoch summaries, the
+    plan, the final report) as the CLI does. A caller's own logging set-up wins."""
+    import logging
+    import sys
+
+    package = logging.getLogger("cifar10_resnet50")
+    if logging.getLogger().handlers or package.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 def lr_find(
@@ -124,14 +142,16 @@ class Model:
         return self.predictor.probabilities(self._pixels(images, self.predictor.input_size))
 
     def predict(self, images: Any, top_k: int = 3) -> list[dict[str, Any]]:
-        """For each image: ``{"label": top-1 class, "probability": p, "top": [(label, p), ...]}``."""
+        """For each image: ``{"label": top-1 class, "probability": p, "top": [{"label",
+        "probability"}, ...]}``, the same fields as the CLI's ``--format json`` and the
+        server's ``/predict``."""
+        from .serving.inference import top_json
+
         if top_k < 1:
             raise UserError("top_k must be at least 1")
         probs = self.probabilities(images)
-        return [
-            {"label": top[0][0], "probability": top[0][1], "top": top}
-            for top in self.predictor.top_k(probs, top_k)
-        ]
+        rows = [top_json(top) for top in self.predictor.top_k(probs, top_k)]
+        return [{**row[0], "top": row} for row in rows]
 
 
 def load(

@@ -6,7 +6,8 @@ Every file the project writes goes through here:
   temporary file beside it (fsync, rename): a crash leaves the old file or the new one, never a
   torn one. A symlink is written through to its target (the link stays a link). A FIFO, a
   character device or ``-`` (stdout) is written directly: renaming over ``/dev/null`` would
-  replace the device node with a plain file.
+  replace the device node with a plain file. A FIFO or device is opened without blocking, so
+  a FIFO that nobody reads (or a socket) is a one-line error at once, never a hang.
 * A write that fails (full disk, I/O error, permissions) is one :class:`WriteError` naming the
   path (and the space needed when known); the temporary file is removed and the previous file
   is untouched.
@@ -181,6 +182,11 @@ def _describe_failure(path: Path, e: OSError, size: int | None) -> str:
             text += f" ({need}{free / 1e6:,.1f} MB free there); free some space or write elsewhere"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         text += "; check the permissions, or choose another path"
+    elif e.errno == errno.ENXIO:  # O_NONBLOCK open of a FIFO without a reader, or a socket
+        return (
+            f"cannot write {path}: it is a FIFO that no process is reading, or a socket; "
+            "start the reader first, or write to a regular file"
+        )
     else:
         text += "; check the device and the path"
     return text + " (any previous file there is unchanged)"
@@ -202,7 +208,11 @@ def atomic_open(
         return
     if _special(path):
         try:
-            with open(path, mode) as f:
+            # Non-blocking, so a FIFO without a reader fails now (ENXIO) instead of blocking
+            # in open() forever; then blocking again, so writes wait for a slow reader.
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            os.set_blocking(fd, True)
+            with os.fdopen(fd, mode) as f:
                 yield f
         except OSError as e:
             raise WriteError(_describe_failure(path, e, size)) from None

@@ -47,6 +47,11 @@ def read(
     None (with a warning when the file exists but is damaged). ``build`` checks the dict and
     raises on anything a fresh load would refuse. ``fingerprint=None`` accepts any source
     state (an intact earlier cache, to reuse what did not change)."""
+    if path.exists() and not path.is_file():  # opening a FIFO would block until a writer came
+        raise UserError(
+            f"the tensor cache {path} is not a regular file (a FIFO, socket, device or folder); "
+            f"remove it, or set ${ENV_CACHE_DIR} to another folder"
+        )
     if not path.is_file():
         return None
     try:

@@ -82,6 +82,11 @@ class Predictor:
         return [[(names[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
 
 
+def top_json(top: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    """A prediction's top classes as the CLI's JSON, the server and the Python API give them."""
+    return [{"label": label, "probability": round(p, 6)} for label, p in top]
+
+
 def _torch_runner(model, device, amp_dtype) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 

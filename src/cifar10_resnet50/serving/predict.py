@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import images as images_lib
-from .inference import Predictor
+from .inference import Predictor, top_json
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def render(predictions: list[Prediction], fmt: str) -> str:
                 "path": p.path,
                 "width": p.width,
                 "height": p.height,
-                "top": [{"label": lab, "probability": round(pr, 6)} for lab, pr in p.top],
+                "top": top_json(p.top),
             }
             for p in predictions
         ]

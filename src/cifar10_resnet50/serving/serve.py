@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 from .. import images as images_lib
 from ..config import ServeConfig
 from ..errors import UserError, first_line
-from .inference import Predictor
+from .inference import Predictor, top_json
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ def _prediction(name: str, d: images_lib.Decoded, top: list[tuple[str, float]]) 
         "filename": name,
         "width": d.original_size[0],
         "height": d.original_size[1],
-        "top": [{"label": lab, "probability": round(p, 6)} for lab, p in top],
+        "top": top_json(top),
     }
 
 
