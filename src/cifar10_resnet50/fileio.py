@@ -297,6 +297,19 @@ def ensure_writable_dir(folder: str | Path) -> Path:
     return folder
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log of ours (``metrics.jsonl``). Not atomic: a kill can tear the
+    last line, which its reader drops. A FIFO or device there is refused, never opened."""
+    path = Path(path)
+    if _special(path):
+        raise WriteError(f"cannot append to {path}: it is not a regular file; remove it")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+    except OSError as e:
+        raise WriteError(_describe_failure(path, e, None)) from None
+
+
 def write_json(path: str | Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     write_bytes(path, text.encode("utf-8"))

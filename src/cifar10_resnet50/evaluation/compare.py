@@ -118,10 +118,17 @@ def table(rows: list[Row]) -> str:
 def _png(rows: list[Row], path: Path, corruption_images: int) -> None:
     from . import plots
 
-    plt = plots._pyplot()
+    plots.write_figure(comparison_figure(rows, corruption_images), path)
+
+
+def comparison_figure(rows: list[Row], corruption_images: int):
+    """Accuracy (clean and corrupted), calibration error and speed, one bar per model."""
+    from . import plots
+
+    plt = plots.pyplot()
     names = [r.name[-28:] for r in rows]
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(5 + 2.2 * len(rows), 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(5 + 2.2 * len(rows), 4.5), layout="constrained")
     acc, ax_ece, ax_speed = axes
     err = np.array(
         [[100 * (r.accuracy - r.ci95[0]), 100 * (r.ci95[1] - r.accuracy)] for r in rows]
@@ -144,5 +151,4 @@ def _png(rows: list[Row], path: Path, corruption_images: int) -> None:
     for ax in axes:
         ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    plots._write(fig, path)
+    return fig

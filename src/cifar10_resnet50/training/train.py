@@ -35,7 +35,14 @@ from ..config import Config, parse_duration, resolve
 from ..data import augment
 from ..errors import UserError
 from ..evaluation import evaluate
-from ..fileio import ensure_writable_dir, remove_stale_temps, save_torch, write_bytes, write_json
+from ..fileio import (
+    append_line,
+    ensure_writable_dir,
+    remove_stale_temps,
+    save_torch,
+    write_bytes,
+    write_json,
+)
 from ..runtime import Process, autocast, convert_sync_bn, pick_device, pick_precision
 from . import budget
 from .board import Board
@@ -304,6 +311,9 @@ class Run:
     # is checked exactly, whatever this machine's speed at that moment.
     clock: Callable[[], float] = time.perf_counter
     after_step: Callable[[], None] | None = None
+    # [step, mean loss since the last sync, lr] at each host sync of the epoch (every
+    # LOG_EVERY steps), for metrics.jsonl's "steps" and curves.png's per-step lines
+    step_log: list[list[float]] = dataclasses.field(default_factory=list)
 
     def size_at(self, epoch: int) -> int:
         """Training resolution of an epoch (``--progressive``); always the model's own for
@@ -555,7 +565,9 @@ def _train_epoch(
         pending, pending_from = [], state.step
         rate = (state.sums["seen"] - seen0) * process.world_size / max(r.clock() - t0, 1e-9)
         bar.set_postfix(loss=f"{window:.3f}", img_s=f"{rate:.0f}", **_budget_eta(r, state))
-        board.step(state.step, window, r.scheduler.get_last_lr()[-1], rate)
+        lr = r.scheduler.get_last_lr()[-1]
+        board.step(state.step, window, lr, rate)
+        r.step_log.append([state.step, round(window, 5), lr])
         timed_from = _maybe_compile(r, state, timed_from)
         if r.compiled and r.forward is not forward:
             forward = _forward(r, frozen)
@@ -979,7 +991,9 @@ def _end_epoch(
         "seconds": round(seconds, 2),
         "img_per_s": round(seen_here / seconds, 1),
         "frozen_backbone": r.frozen,
+        "steps": list(r.step_log),
     }
+    r.step_log.clear()
     row["val_loss"], row["val_acc"], val_logits = _validate(r)
     if val_logits is not None and process.is_main and len(r.val_y):
         board.predictions(state.step, r.val_x, val_logits, r.val_y, r.meta["classes"])
@@ -991,11 +1005,10 @@ def _end_epoch(
         state.best_val_acc = row["val_acc"]
     state.next_epoch()
     if process.is_main:
-        with open(r.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(r.out / "metrics.jsonl", json.dumps(row))
         r.saver.save_last(r.model, r.optimizer, r.scheduler, r.scaler, state)
         if improved:
-            r.saver.save_best(r.model, row)
+            r.saver.save_best(r.model, {k: v for k, v in row.items() if k != "steps"})
     val_text = (
         f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%"
         if row["val_acc"] is not None
@@ -1093,8 +1106,7 @@ def _linear_probe(r: Run, state: checkpoint.RunState, final_eval: bool) -> Train
         "from the cache" if features.cached else "computed and cached",
     )
     state.epoch, state.best_val_acc = cfg.train.epochs, head.val_acc
-    with open(r.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    append_line(r.out / "metrics.jsonl", json.dumps(row))
     r.saver.save_last(r.model, r.optimizer, r.scheduler, r.scaler, state)
     if has_val:
         r.saver.save_best(r.model, row)
