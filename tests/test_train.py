@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -216,3 +217,32 @@ def test_steps_per_epoch_shortens_every_epoch_to_a_fresh_sample(synthetic_root, 
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
     assert [row["step"] for row in rows] == [2, 4, 6]
     assert _state(result.last)["train_state"]["step"] == 6
+
+
+def test_resume_from_a_new_shell_finds_the_data_of_a_run_started_with_the_variable(
+    synthetic_root, tmp_path, monkeypatch
+):
+    """A run started with $CIFAR10_DATA_DIR (no --data-dir) resumes in a shell without it,
+    and resuming with --data-dir naming another copy is accepted (before: three download
+    attempts, then 'data.data_dir: None → …' refused as a changed setting)."""
+    monkeypatch.setenv("CIFAR10_DATA_DIR", str(synthetic_root))
+    out = tmp_path / "r"
+    train.run(tiny(None, out, **{"data.data_dir": None}), final_eval=False, stop_after_steps=2)
+    assert json.loads((out / "config.json").read_text())["data"]["data_dir"] == str(synthetic_root)
+    monkeypatch.delenv("CIFAR10_DATA_DIR")
+    done = train.run(C.load_file(out / "config.json"), resume=True, final_eval=False)
+    assert done.epochs_done == 2
+
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy)
+    again = tmp_path / "again"
+    train.run(tiny(synthetic_root, again), final_eval=False, stop_after_steps=2)
+    moved = C.override(C.load_file(again / "config.json"), {"data.data_dir": str(copy)})
+    assert train.run(moved, resume=True, final_eval=False).epochs_done == 2
+
+
+def test_a_subset_run_validates_on_a_tenth_of_its_subset(synthetic_root, tmp_path):
+    cfg = tiny(synthetic_root, tmp_path / "r", **{"data.val_size": None, "data.subset": 200})
+    train.run(cfg, final_eval=False, stop_after_steps=1)
+    splits = json.loads((tmp_path / "r" / "splits.json").read_text())
+    assert len(splits["val"]) == 20  # not 5,000 (a tenth of all the training images)

@@ -80,7 +80,7 @@ class DataConfig:
         None,
         "--val-size",
         "stratified validation hold-out for choosing best.pt (default a tenth of the training "
-        "images: 5,000 for CIFAR-10); 0 = none",
+        "images: 5,000 for CIFAR-10, or of --subset); 0 = none",
         metavar="N",
     )
     subset: int | None = setting(

@@ -41,9 +41,19 @@ class Arrays:
     def image_size(self) -> int:
         return int(self.train_x.shape[-1])
 
-    def split(self, val_size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(
+        self, val_size: int | None, seed: int, subset: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(train, validation) indices into ``train_x``: the source's own validation images,
-        else a stratified hold-out of ``val_size`` (default a tenth), seeded by ``seed``."""
+        else a stratified hold-out of ``val_size`` (default a tenth of the images, or of
+        ``subset`` when given: a quick run validates quickly), seeded by ``seed``; then the
+        first ``subset`` training indices only."""
+        if val_size is None and subset is not None and self.val_index is None:
+            val_size = max(len(self.classes), subset // 10)
+        train, val = self._split(val_size, seed)
+        return (train if subset is None else train[:subset]), val
+
+    def _split(self, val_size: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.val_index is not None:
             if val_size is not None:
                 raise UserError(

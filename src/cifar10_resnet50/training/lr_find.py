@@ -138,9 +138,7 @@ def _batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The run's augmented training batches, epoch after epoch."""
     d = cfg.data
-    train_idx, _ = arrays.split(d.val_size, cfg.train.seed)
-    if d.subset is not None:
-        train_idx = train_idx[: d.subset]
+    train_idx, _ = arrays.split(d.val_size, cfg.train.seed, d.subset)
     x, y = arrays.train_x[train_idx].to(device), arrays.train_y[train_idx].to(device)
     if augment.steps_per_epoch(len(x), cfg.train.batch_size) == 0:
         raise UserError(f"{len(x)} images make no batch of {cfg.train.batch_size}")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import checkpoint, data
 from .. import model as model_lib
 from ..config import Config, parse_duration, resolve
-from ..data import augment
+from ..data import augment, cifar10
 from ..errors import UserError
 from ..evaluation import evaluate
 from ..fileio import (
@@ -52,7 +52,11 @@ log = logging.getLogger(__name__)
 # Flags that may differ when resuming: they do not change what the run computes
 # (epochs extends or shortens the schedule; the log says so).
 # train.out: a run started without --out saved None; resuming names the folder it chose.
+# data.data_dir, data.download: where the same CIFAR-10 files are found (their content is
+# verified on every load), e.g. another machine's copy.
 RESUMABLE_CHANGES = {
+    "data.data_dir",
+    "data.download",
     "train.epochs",
     "train.progress",
     "train.checkpoint_every",
@@ -334,6 +338,11 @@ def _setup(cfg: Config, resume: bool, process: Process) -> tuple[Config, Path, d
         raise UserError("with torchrun, pass --out RUN_DIR (every process must name one folder)")
     # The folder is part of the saved config, so the printed "--resume --out RUN" matches it.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out=str(out)))
+    if cfg.data.source == "cifar10" and cfg.data.data_dir is None:
+        # Where the data was found ($CIFAR10_DATA_DIR, else the user cache) joins the run's
+        # settings, so `--resume` from a shell without that variable still finds it.
+        where = str(cifar10.resolve_data_dir(None))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=where))
     last = out / "last.pt"
     if not resume:
         if last.exists():
@@ -405,9 +414,7 @@ def _build(cfg: Config, out: Path, process: Process) -> Run:
     model = model_lib.build(
         cfg.model.weights, cfg.model.image_size, len(arrays.classes), backbone=backbone
     )
-    train_idx, val_idx = arrays.split(cfg.data.val_size, t.seed)
-    if cfg.data.subset is not None:
-        train_idx = train_idx[: cfg.data.subset]
+    train_idx, val_idx = arrays.split(cfg.data.val_size, t.seed, cfg.data.subset)
     steps = augment.steps_per_epoch(len(train_idx), t.batch_size, process.world_size)
     if t.steps_per_epoch is not None:
         steps = min(steps, t.steps_per_epoch)
