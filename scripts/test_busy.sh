@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 loops=()
-trap 'kill "${loops[@]}" 2>/dev/null || true' EXIT
+trap 'kill "${loops[@]}" 2>/dev/null || true' EXIT INT TERM
 for _ in $(seq "${BUSY_LOOPS:-2}"); do
     (while :; do :; done) &
     loops+=($!)

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -275,3 +276,18 @@ def test_serve_flags_come_from_serve_config_with_their_ranges():
     for bad in (["--timeout", "0"], ["--max-batch", "0"], ["--max-wait-ms", "-1"]):
         with pytest.raises(SystemExit):
             cli.parse_args(["serve", "m.pt", *bad])
+
+
+def test_evaluate_takes_a_run_folder_and_tta_keeps_the_report_without_it(
+    tiny_checkpoint, synthetic_root, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    shutil.copy(tiny_checkpoint, run / "best.pt")
+    (run / "eval" / "metrics.json").write_text('{"from": "training"}')
+    code = main(
+        ["evaluate", str(run), "--tta", "--data-dir", str(synthetic_root), "--device", "cpu"]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert (run / "eval" / "metrics.json").read_text() == '{"from": "training"}'
+    assert json.loads((run / "eval-tta" / "metrics.json").read_text())["tta"] == "flip"

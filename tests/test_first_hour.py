@@ -122,7 +122,9 @@ def test_help_is_complete_and_unknown_flags_get_a_suggestion(capsys):
         with pytest.raises(SystemExit) as info:
             cli.main(["train", typo, "3"])
         assert info.value.code == 2
-        assert f"did you mean {meant}?" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"did you mean {meant}?" in err and "--help" in err
+        assert len(err.strip().splitlines()) == 1, err  # not 23 lines of usage first
 
 
 def test_train_threads_sets_torch_threads(synthetic_root, tmp_path):

@@ -32,19 +32,6 @@ class Row:
     images_per_s: float
 
 
-def resolve(path: str | Path) -> Path:
-    """A run folder means its best.pt (else last.pt); a file is itself."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (p / name).is_file():
-                return p / name
-        raise UserError(f"{p}: a folder without best.pt or last.pt; pass a run folder or a model")
-    if not p.is_file():
-        raise UserError(f"{p}: no such file or run folder")
-    return p
-
-
 def _speed(path: Path, allow_code: bool) -> float:
     """Images per second at batch 64 on the CPU, as predict and serve run it."""
     predictor = inference.load(path, allow_code=allow_code)
@@ -69,7 +56,7 @@ def run(
 ) -> list[Row]:
     """Evaluate each model (clean test set, then the corruption sweep on a stratified
     ``corruption_images``), time it, and write compare.json and compare.png into ``out``."""
-    models = [resolve(p) for p in paths]
+    models = [evaluate.resolve_model(p) for p in paths]
     if len(models) < 2:
         raise UserError("compare needs at least two runs or model files")
     out = ensure_writable_dir(Path(out))

@@ -160,6 +160,19 @@ def most_confused(confusion: list[list[int]], classes: list[str], k: int = 5) ->
     ]
 
 
+def resolve_model(path: str | Path) -> Path:
+    """A run folder means its best.pt (else last.pt); a file is itself."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise UserError(f"{p}: a folder without best.pt or last.pt; pass a run folder or a model")
+    if not p.is_file():
+        raise UserError(f"{p}: no such file or run folder")
+    return p
+
+
 def run(
     model_path: str | Path,
     *,
@@ -183,7 +196,7 @@ def run(
     ``corruptions``, also the CIFAR-10-C sweep (``robustness.json``, ``robustness.png``)."""
     from ..serving import inference
 
-    model_path = Path(model_path)
+    model_path = resolve_model(model_path)
     dev = pick_device(device)
     amp = pick_precision(precision, dev)
     # The model first: a wrong path (a folder, an image) must not leave an empty eval/ behind.
@@ -197,7 +210,10 @@ def run(
         predictor = inference.load(model_path, allow_code=allow_code, batch_size=batch_size)
         model, meta, amp = _ExportModel(predictor), predictor.meta, None
         kind = f"{inference.detect_backend(model_path)} {meta.get('precision', 'fp32')}"
-    out = Path(out_dir) if out_dir else model_path.parent / "eval"
+    # With TTA, its own folder: the report without it (training's) is kept to compare with.
+    out = Path(out_dir) if out_dir else model_path.parent / ("eval-tta" if tta_flip else "eval")
+    if (out / "metrics.json").exists():
+        log.info("replacing the report in %s", out)
     for name in OUTPUTS + (ROBUSTNESS_OUTPUTS if corruptions else ()):
         check_not_input(out / name, [model_path])
     ensure_writable_dir(out)
