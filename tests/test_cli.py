@@ -273,6 +273,9 @@ def test_serve_flags_come_from_serve_config_with_their_ranges():
     settings = ServeConfig(**{key: getattr(args, key) for _, key, _ in serve_flags()})
     assert settings.max_body_bytes == 2 * 2**20 and settings.decode_workers == 3
     assert settings.max_header_bytes == ServeConfig().max_header_kb * 1024
+    assert (
+        settings.access_log and not cli.parse_args(["serve", "m.pt", "--no-access-log"]).access_log
+    )
     for bad in (["--timeout", "0"], ["--max-batch", "0"], ["--max-wait-ms", "-1"]):
         with pytest.raises(SystemExit):
             cli.parse_args(["serve", "m.pt", *bad])
@@ -291,3 +294,34 @@ def test_evaluate_takes_a_run_folder_and_tta_keeps_the_report_without_it(
     assert code == 0, capsys.readouterr().err
     assert (run / "eval" / "metrics.json").read_text() == '{"from": "training"}'
     assert json.loads((run / "eval-tta" / "metrics.json").read_text())["tta"] == "flip"
+
+
+def test_lr_find_offers_only_the_flags_it_uses(capsys):
+    from cifar10_resnet50 import cli
+
+    with pytest.raises(SystemExit):
+        main(["lr-find", "--help"])
+    text = capsys.readouterr().out
+    assert "--lr" in text and "--mixup" in text
+    assert all(flag not in text for flag in ("--budget", "--progressive", "--checkpoint-every"))
+    with pytest.raises(SystemExit):
+        cli.parse_args(["lr-find", "--budget", "2m"])
+
+
+def test_data_actions_all_take_no_progress(synthetic_root, capsys):
+    for action in ("verify", "info"):
+        assert main(["data", action, "--data-dir", str(synthetic_root), "--no-progress"]) == 0
+
+
+def test_an_output_folder_the_system_refuses_is_named_plainly(tiny_checkpoint, capsys):
+    assert main(["evaluate", str(tiny_checkpoint), "--out", "/proc/run"]) == 2
+    err = capsys.readouterr().err  # before: "/proc: No such file or directory"
+    assert "/proc/run: cannot be created in /proc" in err and len(err.splitlines()) == 1, err
+
+
+def test_an_svg_given_to_predict_is_explained_in_the_cli_s_words(tiny_checkpoint, tmp_path, capsys):
+    svg = tmp_path / "logo.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"></svg>')
+    main(["predict", str(tiny_checkpoint), str(svg)])
+    out = capsys.readouterr()
+    assert "convert it to PNG or JPEG" in out.out + out.err and "send" not in out.out + out.err

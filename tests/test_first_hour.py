@@ -174,3 +174,28 @@ def test_evaluate_says_which_precision_it_used(capsys, tiny_checkpoint, syntheti
         "--precision", "fp32", "--batch-size", "1000",
     )  # fmt: skip
     assert code == 0 and "precision fp32" in out
+
+
+def test_first_setup_says_what_it_installs_and_shows_pip_progress(tmp_path):
+    """The first install is minutes of downloads: it must not be silent (it was `pip -q`).
+    A stand-in python records the calls and prints what pip prints."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1 $2 $3" = "-m pip install" ]; then\n'
+        '  echo "Collecting torch==2.14.1"; echo "  Downloading torch-2.14.1.whl (2.5 GB)"\n'
+        '  echo "Requirement already satisfied: numpy"; exit 0\n'
+        "fi\n"
+        'case "$*" in *find_spec*) exit 1;; esac\n'  # "not installed yet"
+        "exit 0\n"
+    )
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], capture_output=True,
+                          text=True, env={**os.environ, "VENV": str(venv)}, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "setup: installing torch" in done.stderr
+    assert "Collecting torch==2.14.1" in done.stderr and "Downloading torch" in done.stderr
+    assert "already satisfied" not in done.stderr  # progress, not pip's whole chatter

@@ -283,6 +283,7 @@ def test_serve_command_starts_binds_loopback_and_answers(tiny_checkpoint, real_p
         proc.terminate()
         output = proc.communicate(timeout=30)[0]
     assert f"127.0.0.1:{port}" in output  # the default bind address is loopback only
+    assert '"POST /predict HTTP/1.1" 200' in output  # the access log: a line per request
 
 
 def test_serve_command_with_a_missing_model_is_a_one_line_error(tmp_path):

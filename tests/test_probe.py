@@ -34,9 +34,14 @@ def _row(out):
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
 
-def test_features_are_cached_and_reused_only_when_every_key_matches(synthetic_root, tmp_path):
-    first = train.run(_cfg(synthetic_root, tmp_path / "a"), final_eval=False)
+def test_features_are_cached_and_reused_only_when_every_key_matches(
+    synthetic_root, tmp_path, caplog
+):
+    with caplog.at_level("INFO", logger="cifar10_resnet50"):
+        first = train.run(_cfg(synthetic_root, tmp_path / "a"), final_eval=False)
     assert _row(first.out_dir)["probe"]["features_from_cache"] is False
+    # The start line says what the probe does, not "1 epochs × 15 steps" it never runs.
+    assert "linear probe of resnet50" in caplog.text and "epochs ×" not in caplog.text
     again = train.run(_cfg(synthetic_root, tmp_path / "b"), final_eval=False)
     assert _row(again.out_dir)["probe"]["features_from_cache"] is True
     a, b = checkpoint.load(first.best)["model"], checkpoint.load(again.best)["model"]

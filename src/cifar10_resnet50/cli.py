@@ -45,6 +45,15 @@ POSITIVE_INT = _number(int, 1)
 
 # (flag, config key, argparse keywords), declared once beside each default in config.py.
 TRAIN_FLAGS = train_flags()
+# What a range test of a few hundred steps has no use for: it plans no run, keeps no
+# checkpoint and trains at the model's own resolution.
+NOT_FOR_LR_FIND = {
+    "train.budget",
+    "train.progressive",
+    "train.checkpoint_every",
+    "train.steps_per_epoch",
+    "train.tensorboard",
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -158,8 +167,8 @@ def _data_parsers(sub: Any) -> None:
             metavar="DIR",
             help="folder holding cifar-10-batches-py/ (else $CIFAR10_DATA_DIR, else the user cache)",
         )
-        if name == "download":
-            a.add_argument("--no-progress", action="store_true", help="no progress bar")
+        # Every action takes it (info and show decode a folder with a bar; verify hashes files).
+        a.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name in ("info", "show"):
             a.add_argument(
                 "--data",
@@ -236,7 +245,7 @@ def _train_parsers(sub: Any) -> None:
         "--start-lr", type=_number(float, 0, above=True), default=1e-7, help="default 1e-7"
     )
     lf.add_argument("--end-lr", type=_number(float, 0, above=True), default=10.0, help="default 10")
-    _add_train_flags(lf)
+    _add_train_flags(lf, leave_out=NOT_FOR_LR_FIND)
 
 
 def _evaluate_parser(sub: Any) -> None:
@@ -395,7 +404,8 @@ def _serve_parser(sub: Any) -> None:
         if low is not None or above is not None:
             bound = above if above is not None else low
             kwargs["type"] = _number(kwargs["type"], bound, above=above is not None)
-        kwargs.setdefault("metavar", flag[2:].upper().replace("-", "_"))
+        if "action" not in kwargs:
+            kwargs.setdefault("metavar", flag[2:].upper().replace("-", "_"))
         sv.add_argument(flag, dest=key, default=getattr(defaults, key), **kwargs)
     _add_model_flags(sv)
 
@@ -429,8 +439,10 @@ def _torchscript_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+def _add_train_flags(parser: argparse.ArgumentParser, leave_out: set[str] = frozenset()) -> None:
     for flag, key, kwargs in TRAIN_FLAGS:
+        if key in leave_out:
+            continue
         if "action" not in kwargs and "choices" not in kwargs:
             kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
         parser.add_argument(flag, dest=key, default=S, **kwargs)
@@ -482,7 +494,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         from .config import default_image_size
 
         store_size = default_image_size("cuda" if torch.cuda.is_available() else "cpu")
-    arrays = data.load(args.data, data_dir=args.data_dir, store_size=store_size, download=False)
+    arrays = data.load(
+        args.data,
+        data_dir=args.data_dir,
+        store_size=store_size,
+        download=False,
+        progress=not args.no_progress,
+    )
     if args.action == "show":
         _show(args, arrays)
         return EXIT_OK
@@ -667,6 +685,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _path_problem(e: OSError) -> str:
+    """An OSError on a path, said so the user can fix it. A missing path whose parent folder
+    exists is a folder that cannot hold new files (/proc, /sys: "No such file or directory"
+    there would send the user looking for a path that is plainly there)."""
+    import errno
+    from pathlib import Path
+
+    path = Path(e.filename)
+    if e.errno == errno.ENOENT and path.parent.is_dir() and not path.exists():
+        return (
+            f"{path}: cannot be created in {path.parent} (a system folder such as /proc takes "
+            "no new files); choose a folder of yours"
+        )
+    return f"{e.filename}: {e.strerror or e}; check the path, its permissions and free disk space"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import os
@@ -710,11 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError) and e.filename is not None:
             # A path that cannot be read or written (missing folder, permissions, full disk)
             # is the user's to fix, and the file name says where.
-            print(
-                f"error: {e.filename}: {e.strerror or e}; check the path, its permissions and "
-                "free disk space",
-                file=sys.stderr,
-            )
+            print(f"error: {_path_problem(e)}", file=sys.stderr)
             return EXIT_USER_ERROR
         print(
             f"unexpected error: {type(e).__name__}: {e} (rerun with --debug for details)",

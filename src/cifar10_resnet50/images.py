@@ -204,17 +204,18 @@ def _open(data: bytes, name: str, max_pixels: int, deadline: float) -> Any:
         head = data[:256].lstrip().lower()
         if head.startswith((b"<svg", b"<?xml")) or b"<svg" in head:
             raise ImageError(
-                "unsupported", f"{name}: SVG is a vector format; send PNG or JPEG"
+                "unsupported", f"{name}: SVG is a vector format; convert it to PNG or JPEG first"
             ) from None
         if head.startswith(b"%pdf"):
             raise ImageError(
-                "unsupported", f"{name}: PDF is not an image; send PNG or JPEG"
+                "unsupported",
+                f"{name}: PDF is not an image; convert its pages to PNG or JPEG first",
             ) from None
         if head.startswith((b"%!ps", b"\xc5\xd0\xd3\xc6")):
             raise ImageError(
                 "unsupported",
                 f"{name}: PostScript/EPS is refused (it needs Ghostscript to "
-                "run the file); send PNG or JPEG",
+                "run the file); convert it to PNG or JPEG first",
             ) from None
         if data.startswith(_IMAGE_MAGIC):
             raise ImageError(

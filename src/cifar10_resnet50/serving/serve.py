@@ -553,7 +553,7 @@ def run(
         host=host,
         port=port,
         log_level="info",
-        access_log=False,
+        access_log=settings.access_log,
         http=http_protocol(settings.max_header_bytes),
         h11_max_incomplete_event_size=settings.max_header_bytes,  # the h11 fallback's bound
     )

@@ -1244,26 +1244,29 @@ def _start(
         )  # fmt: skip
         if process.is_main:
             _truncate_metrics(out / "metrics.jsonl", state.epoch)
-    t = r.cfg.train
-    log.info(
-        "training resnet50 on %s (%s), %d px%s, strategy %s, %d epochs × %d steps, batch %d × %d "
-        "process(es) = %d, weights %s, %d train / %d val images → %s",
-        r.device,
-        str(r.amp_dtype).replace("torch.", "") if r.amp_dtype else "fp32",
-        r.cfg.model.image_size,
-        f" (progressive from {r.size_at(0)} px)" if t.progressive else "",
-        t.strategy,
-        t.epochs,
-        r.steps_per_epoch,
-        t.batch_size,
-        process.world_size,
-        t.batch_size * process.world_size,
-        r.meta["weights"],
-        len(r.train_x),
-        len(r.val_x) * process.world_size,
-        out,
-    )
+    log.info("%s", _describe(r))
     return r, state
+
+
+def _describe(r: Run) -> str:
+    """The run in one line, as it will go: the probe has no epochs or steps to show."""
+    t = r.cfg.train
+    precision = str(r.amp_dtype).replace("torch.", "") if r.amp_dtype else "fp32"
+    images = f"{len(r.train_x)} train / {len(r.val_x) * r.process.world_size} val images"
+    if t.strategy == "linear":
+        return (
+            f"linear probe of resnet50 on {r.device} ({precision}), {r.cfg.model.image_size} px: "
+            f"backbone features once (cached), then the head fitted by {t.probe_solver}; "
+            f"weights {r.meta['weights']}, {images} → {r.out}"
+        )
+    progressive = f" (progressive from {r.size_at(0)} px)" if t.progressive else ""
+    world = r.process.world_size
+    return (
+        f"training resnet50 on {r.device} ({precision}), {r.cfg.model.image_size} px"
+        f"{progressive}, strategy {t.strategy}, {t.epochs} epochs × {r.steps_per_epoch} steps, "
+        f"batch {t.batch_size} × {world} process(es) = {t.batch_size * world}, weights "
+        f"{r.meta['weights']}, {images} → {r.out}"
+    )
 
 
 def _run(
