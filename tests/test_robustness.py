@@ -143,3 +143,45 @@ def test_compare_puts_two_models_side_by_side(
     assert "img/s" in compare.table(rows)
     with pytest.raises(Exception, match="at least two"):
         compare.run([str(onnx)], out=tmp_path / "x")
+
+
+# ---------------------------------------------------------------- against the reference
+# Values computed once with the published generator (make_cifar_c.py, Wand/ImageMagick,
+# scikit-image, OpenCV) by benchmarks/cifar_c_reference.py: see its docstring for how.
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from pathlib import Path
+
+    with np.load(Path(__file__).parent / "fixtures" / "cifar_c_reference.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def _nchw(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def test_motion_blur_matches_imagemagick_pixel_for_pixel_at_the_same_angles(reference):
+    x = _nchw(reference["images"][: len(reference["motion_angles"])]).float() / 255
+    angles = torch.from_numpy(reference["motion_angles"])
+    for severity, (radius, sigma) in enumerate(C.PARAMS["motion_blur"], 1):
+        ours = (C.motion_blur_at(x, radius, sigma, angles).clamp(0, 1) * 255).to(torch.uint8)
+        theirs = _nchw(reference["motion"][severity - 1])
+        diff = (ours.int() - theirs.int()).abs()
+        # 99.3–99.6 % equal when measured on 1,000 images; the rest one level off (float
+        # rounding): with trunc(v + 0.5) offsets it was 63–76 %.
+        assert (diff == 0).float().mean() >= 0.98 and diff.max() <= 2, (severity, diff.max())
+
+
+@pytest.mark.parametrize("name", ["glass_blur", "frost", "snow"])
+def test_random_corruptions_have_the_reference_strength_at_every_severity(reference, name):
+    """Mean |corrupted − clean| over the reference's 256 images, within 2 % of the
+    reference's (8 draws each) at each severity (before: glass blur 1.10–1.42× the
+    reference's strength, frost 0.71–0.76×). Ours averages 32 draws each: snow's strength
+    varies so much per draw that 8 leave ±0.6 % of noise beside the reference's own."""
+    x = _nchw(np.tile(reference["images"], (32, 1, 1, 1)))
+    want = reference[f"{name}_strength"]
+    got = [(C.corrupt(x, name, s).float() - x.float()).abs().mean().item() for s in range(1, 6)]
+    ratios = [g / w for g, w in zip(got, want, strict=True)]
+    assert all(abs(r - 1) <= 0.02 for r in ratios), [f"{r:.3f}" for r in ratios]
