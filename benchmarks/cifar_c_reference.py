@@ -80,6 +80,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--make-cifar-c", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True, help="cifar-10-batches-py folder")
+    p.add_argument(
+        "--accuracy-out",
+        type=Path,
+        help="also write the reference's corrupted first 1,000 test images of glass blur, "
+        "motion blur, snow and frost (all severities, seed 0) here, for "
+        "benchmarks/cifar_c_vs_reference.py (~60 MB; not a fixture)",
+    )
     args = p.parse_args()
     import imagecorruptions
 
@@ -103,6 +110,16 @@ def main() -> None:
             motion[s - 1, i] = np.uint8(ref["motion_blur"](Image.fromarray(x), s))
     np.random.uniform = uniform
     os.chdir(frost_dir)  # frost reads './frost1.png' ...
+    if args.accuracy_out:
+        clean = batch[b"data"][:1000].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+        out = {"images": clean, "labels": np.array(batch[b"labels"][:1000])}
+        for name in ("glass_blur", "motion_blur", "snow", "frost"):
+            np.random.seed(0)
+            out[name] = np.stack([
+                np.stack([np.uint8(ref[name](Image.fromarray(x), s)) for x in clean])
+                for s in range(1, 6)
+            ])  # fmt: skip
+        np.savez_compressed(args.accuracy_out, **out)
     strengths = {
         name: [strength(ref[name], images, s) for s in range(1, 6)]
         for name in ("glass_blur", "frost", "snow")
