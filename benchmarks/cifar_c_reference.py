@@ -13,8 +13,9 @@ Run it in an environment of its own (the project's tests never need these packag
         --make-cifar-c PATH/TO/robustness/ImageNet-C/create_c/make_cifar_c.py \\
         --data ../shared/cifar10/cifar-10-batches-py
 
-The reference runs with today's libraries after three minimal API patches (``multichannel``
-→ ``channel_axis``, ``np.float_`` → ``np.float64``, ``np.fromstring`` → ``np.frombuffer``);
+The reference runs with today's libraries after four minimal API patches (``multichannel``
+→ ``channel_axis``, ``np.float_`` → ``np.float64``, ``np.fromstring`` → ``np.frombuffer``,
+``scipy.ndimage.interpolation`` → ``scipy.ndimage``);
 its torch/torchvision imports and its ``__main__`` loop are left out.
 
 Writes:
