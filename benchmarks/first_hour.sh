@@ -31,7 +31,7 @@ for i in range(20):  # test images, upscaled as a phone photo would be
     im = Image.fromarray(arrays.test_x[i].permute(1, 2, 0).numpy()).resize((640, 640))
     im.save(f"photos/{i:02d}_{arrays.classes[arrays.test_y[i]]}.jpg", quality=90)
 EOF
-step evaluate "$BIN/cifar10-resnet50" evaluate runs/first/best.pt --tta
+step evaluate "$BIN/cifar10-resnet50" evaluate runs/first --tta
 step predict "$BIN/cifar10-resnet50" predict runs/first/best.pt photos/
 step export "$BIN/cifar10-resnet50" export runs/first/best.pt --format onnx --int8
 grep -E "accuracy|passed" "$WORK/train.log" "$WORK/evaluate.log" "$WORK/export.log" | head -8
