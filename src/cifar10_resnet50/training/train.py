@@ -1015,7 +1015,7 @@ def _end_epoch(
         append_line(r.out / "metrics.jsonl", json.dumps(row))
         r.saver.save_last(r.model, r.optimizer, r.scheduler, r.scaler, state)
         if improved:
-            r.saver.save_best(r.model, {k: v for k, v in row.items() if k != "steps"})
+            r.saver.save_best(r.model, row)
     val_text = (
         f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%"
         if row["val_acc"] is not None
