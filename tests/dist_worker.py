@@ -19,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cifar10_resnet50 import config as C
 from cifar10_resnet50.training import train
+from cifar10_resnet50.training.callbacks import Callback
 
 
 def main() -> None:
-    out, root, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    out_dir, root, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     sync_bn = "--sync-bn" in sys.argv
     stop_after = None
     if "--stop-after" in sys.argv:
@@ -30,27 +31,19 @@ def main() -> None:
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     losses: list[float] = []
-    original_step = train._train_step
-
     nan_at = None  # --nan-at STEP: this rank's loss becomes NaN at that step (rank 1 only)
     if "--nan-at" in sys.argv and rank == 1:
         nan_at = int(sys.argv[sys.argv.index("--nan-at") + 1])
 
-    def recording_step(r, forward, xb, target):
-        loss, logits = original_step(r, forward, xb, target)
-        losses.append(float(loss))
-        if nan_at is not None and len(losses) == nan_at:
-            loss = loss * float("nan")
-        return loss, logits
+    class Recorder(Callback):
+        def step_end(self, trainer, state, out):
+            losses.append(float(out.loss))
+            if nan_at is not None and len(losses) == nan_at:
+                out.loss = out.loss * float("nan")
 
-    original_end = train._end_epoch
+        def epoch_end(self, trainer, state, row, val_logits):  # every rank's weights
+            torch.save(trainer.model.state_dict(), out_dir.parent / f"{out_dir.name}.rank{rank}.pt")
 
-    def recording_end(r, *args):  # every rank's weights after each epoch
-        original_end(r, *args)
-        torch.save(r.model.state_dict(), out.parent / f"{out.name}.rank{rank}.pt")
-
-    train._train_step = recording_step
-    train._end_epoch = recording_end
     cfg = C.override(
         C.Config(),
         {
@@ -70,15 +63,15 @@ def main() -> None:
             "train.precision": "fp32",
             "optim.optimizer": "adamw",
             "optim.lr": 1e-3,
-            "train.out": str(out),
+            "train.out": str(out_dir),
         },
     )
     try:
-        train.run(cfg, final_eval=False, stop_after_steps=stop_after)
+        train.run(cfg, final_eval=False, stop_after_steps=stop_after, callbacks=[Recorder()])
     except Exception as e:  # what the CLI would print, as one line
         print(f"rank {rank} error: {e}", file=sys.stderr)
         sys.exit(2)
-    (out.parent / f"{out.name}.rank{rank}.losses.json").write_text(json.dumps(losses))
+    (out_dir.parent / f"{out_dir.name}.rank{rank}.losses.json").write_text(json.dumps(losses))
 
 
 if __name__ == "__main__":

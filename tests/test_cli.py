@@ -269,10 +269,11 @@ def test_serve_on_a_busy_port_is_a_one_line_error(tiny_checkpoint, capsys):
 
 def test_serve_flags_come_from_serve_config_with_their_ranges():
     from cifar10_resnet50 import cli
-    from cifar10_resnet50.config import ServeConfig, serve_flags
+    from cifar10_resnet50.config import flags
+    from cifar10_resnet50.serving.settings import ServeConfig
 
     args = cli.parse_args(["serve", "m.pt", "--max-body-mb", "2", "--decode-workers", "3"])
-    settings = ServeConfig(**{key: getattr(args, key) for _, key, _ in serve_flags()})
+    settings = ServeConfig(**{key: getattr(args, key) for _, key, _ in flags(ServeConfig)})
     assert settings.max_body_bytes == 2 * 2**20 and settings.decode_workers == 3
     assert settings.max_header_bytes == ServeConfig().max_header_kb * 1024
     assert (

@@ -23,6 +23,7 @@ from cifar10_resnet50.data import cifar10, folder
 from cifar10_resnet50.errors import UserError
 from cifar10_resnet50.evaluation import evaluate
 from cifar10_resnet50.serving import export, inference, predict, serve
+from cifar10_resnet50.serving.settings import ServeConfig
 from cifar10_resnet50.training import train
 from corpus import huge_header_png
 
@@ -284,7 +285,7 @@ def test_predict_export_and_serve_use_the_folder_classes_and_size(folder_run, im
     ts = export.run(folder_run.best, "torchscript", parity_images=8)
     assert ts.passed
 
-    app = serve.create_app(lambda: inference.load(folder_run.best), C.ServeConfig())
+    app = serve.create_app(lambda: inference.load(folder_run.best), ServeConfig())
     with TestClient(app) as client:
         for _ in range(600):
             if client.get("/readyz").status_code == 200:

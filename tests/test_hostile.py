@@ -533,8 +533,8 @@ def test_a_damaged_or_forged_tensor_cache_is_rebuilt_never_used(synthetic_copy, 
 def test_client_disconnect_mid_upload_is_one_log_line(tiny_checkpoint, caplog):
     import asyncio
 
-    from cifar10_resnet50.config import ServeConfig
     from cifar10_resnet50.serving import serve
+    from cifar10_resnet50.serving.settings import ServeConfig
 
     class Gone:
         headers = {"content-type": "image/png"}

@@ -15,8 +15,8 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from cifar10_resnet50.config import ServeConfig
 from cifar10_resnet50.serving import inference, serve
+from cifar10_resnet50.serving.settings import ServeConfig
 
 
 class LiveServer:

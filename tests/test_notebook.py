@@ -131,10 +131,10 @@ def test_evaluation_extras_and_titled_curves(tiny_run):
     assert confusion[i][j] == top["count"] == max(off_diagonal)
     for name in ("top_losses.png", "confusion.png"):
         assert (ev / name).read_bytes()[:4] == b"\x89PNG"
-    from cifar10_resnet50.training.train import _curves_title, _read_metrics
+    from cifar10_resnet50.training import metrics as run_metrics
 
-    title = _curves_title(
-        tiny_run.out_dir, _read_metrics(tiny_run.out_dir / "metrics.jsonl"), tiny_run.test
+    title = run_metrics.curves_title(
+        tiny_run.out_dir, run_metrics.read(tiny_run.out_dir / "metrics.jsonl"), tiny_run.test
     )
     assert title.startswith("run — best epoch 1 (val ") and "test " in title
     assert (tiny_run.out_dir / "curves.png").is_file()

@@ -8,6 +8,7 @@ import torch
 
 from cifar10_resnet50 import checkpoint
 from cifar10_resnet50 import config as C
+from cifar10_resnet50 import model as model_lib
 from cifar10_resnet50.data import cifar10
 from cifar10_resnet50.serving import inference
 from cifar10_resnet50.training import probe, train
@@ -71,7 +72,7 @@ def test_changed_data_or_weights_file_never_reuses_features(synthetic_copy, tmp_
 
 def test_a_damaged_feature_cache_is_recomputed(synthetic_root, tmp_path, caplog):
     cache = tmp_path / "features"
-    model = train.model_lib.build("none", 32, 10, progress=False)
+    model = model_lib.build("none", 32, 10, progress=False)
 
     arrays = cifar10.load(synthetic_root)
     idx = torch.arange(40)

@@ -114,15 +114,15 @@ def test_evaluate_sweeps_checkpoints_and_onnx_exports_alike(
 ):
     ckpt = evaluate.run(
         tiny_checkpoint, data_dir=synthetic_root, out_dir=tmp_path / "a", corruptions=True,
-        corruption_images=20, precision="fp32", progress=False,
+        corruption_images=10, precision="fp32", progress=False,
     )  # fmt: skip
     exported = evaluate.run(
         onnx_model, data_dir=synthetic_root, out_dir=tmp_path / "b", corruptions=True,
-        corruption_images=20, progress=False,
+        corruption_images=10, progress=False,
     )  # fmt: skip
     for out, report in ((tmp_path / "a", ckpt), (tmp_path / "b", exported)):
         saved = json.loads((out / "robustness.json").read_text())
-        assert saved["images"] == 20 and len(saved["accuracy"]) == 15
+        assert saved["images"] == 10 and len(saved["accuracy"]) == 15
         assert (out / "robustness.png").stat().st_size > 1000
         assert "mean corruption accuracy" in report.table()
     assert exported.metrics["accuracy"] == pytest.approx(ckpt.metrics["accuracy"], abs=0.002)

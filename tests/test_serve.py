@@ -8,10 +8,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from cifar10_resnet50 import checkpoint
-from cifar10_resnet50.config import ServeConfig
 from cifar10_resnet50.evaluation import evaluate
 from cifar10_resnet50.serving import inference, serve
 from cifar10_resnet50.serving.serve import ApiError, MicroBatcher
+from cifar10_resnet50.serving.settings import ServeConfig
 from corpus import corpus
 
 SETTINGS = ServeConfig(max_body_mb=1)

@@ -9,7 +9,8 @@ from cifar10_resnet50 import checkpoint
 from cifar10_resnet50 import config as C
 from cifar10_resnet50 import model as M
 from cifar10_resnet50.errors import UserError
-from cifar10_resnet50.training import train
+from cifar10_resnet50.training import core, train
+from cifar10_resnet50.training.callbacks import Callback
 
 
 def tiny(root, out, **changes):
@@ -161,7 +162,7 @@ def test_gradual_freezes_the_backbone_for_the_first_epochs(synthetic_root, tmp_p
 
 def test_param_groups_put_no_decay_on_norms_and_biases_and_scale_the_backbone_lr():
     net = M.build("none", 32, 10)
-    groups = {g["name"]: g for g in train.param_groups(net, 0.1, 0.01, 5e-4)}
+    groups = {g["name"]: g for g in core.param_groups(net, 0.1, 0.01, 5e-4)}
     assert groups["head"]["lr"] == 0.1 and groups["backbone"]["lr"] == 0.01
     assert groups["backbone_no_decay"]["weight_decay"] == 0.0
     assert all(p.ndim == 1 for p in groups["backbone_no_decay"]["params"])
@@ -171,10 +172,10 @@ def test_param_groups_put_no_decay_on_norms_and_biases_and_scale_the_backbone_lr
 
 
 def test_lr_schedules_warm_up_then_decay():
-    cos = train.lr_factor("cosine", total_steps=100, warmup_steps=10)
+    cos = core.lr_factor("cosine", total_steps=100, warmup_steps=10)
     assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
     assert cos(55) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
-    one = train.lr_factor("onecycle", total_steps=100, warmup_steps=0)
+    one = core.lr_factor("onecycle", total_steps=100, warmup_steps=0)
     assert one(0) == pytest.approx(1 / 25) and one(25) == pytest.approx(1.0)
     assert one(100) == pytest.approx(1e-4)
     assert all(not math.isnan(one(s)) for s in range(101))
@@ -191,18 +192,17 @@ def test_from_scratch_trains_the_backbone_at_the_head_lr(synthetic_root, tmp_pat
 
 
 def test_progressive_resizing_trains_early_epochs_smaller_and_keeps_the_target_size(
-    synthetic_root, tmp_path, monkeypatch
+    synthetic_root, tmp_path
 ):
     sizes = []
-    step = train._train_step
 
-    def spy(r, forward, xb, target):
-        sizes.append(r.model.preprocess.image_size)
-        return step(r, forward, xb, target)
+    class Spy(Callback):
+        def step_end(self, trainer, state, out):
+            sizes.append(trainer.model.preprocess.image_size)
 
-    monkeypatch.setattr(train, "_train_step", spy)
     changes = {"train.progressive": True, "train.epochs": 4, "model.image_size": 64}
-    result = train.run(tiny(synthetic_root, tmp_path / "r", **changes), final_eval=False)
+    cfg = tiny(synthetic_root, tmp_path / "r", **changes)
+    result = train.run(cfg, final_eval=False, callbacks=[Spy()])
     assert sizes == [32] * 4 + [40] * 4 + [48] * 4 + [64] * 4  # progressive_sizes(64, 4)
     saved = _state(result.last)
     assert saved["model_meta"]["image_size"] == 64

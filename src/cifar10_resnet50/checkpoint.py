@@ -147,7 +147,9 @@ class Saver:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_row: dict[str, Any] | None = None
 
-    def save_last(self, model, optimizer, scheduler, scaler, state: RunState) -> None:
+    def save_last(self, model, opt, state: RunState) -> None:
+        """``opt``: the optimizer, schedule and scaler (``state_dict()`` gives their states
+        by those names)."""
         if not self.is_main:
             return
         rng = {"torch": torch.get_rng_state()}
@@ -160,9 +162,7 @@ class Saver:
                 "model": model.state_dict(),
                 "config": self.config,
                 "train_state": {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
+                    **opt.state_dict(),  # optimizer, scheduler, scaler
                     "rng": rng,
                     "epoch": state.epoch,
                     "batch": state.batch,
@@ -194,7 +194,7 @@ class Saver:
         if self.is_main and self.best_state is not None:
             self._write_best()
 
-    def restore(self, saved: dict, model, optimizer, scheduler, scaler) -> RunState:
+    def restore(self, saved: dict, model, opt) -> RunState:
         """Put a loaded ``last.pt`` back into the training objects; return its position."""
         ts = saved["train_state"]
         world = ts.get("world_size", 1)
@@ -206,9 +206,7 @@ class Saver:
                 "new run."
             )
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        scaler.load_state_dict(ts["scaler"])
+        opt.load_state_dict({k: ts[k] for k in ("optimizer", "scheduler", "scaler")})
         torch.set_rng_state(ts["rng"]["torch"])
         if torch.cuda.is_available() and ts["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ts["rng"]["cuda"])

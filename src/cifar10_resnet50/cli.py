@@ -11,15 +11,22 @@ Exit codes: 0 success; 1 unexpected failure (a bug: please report it with ``--de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import PRECISIONS, Config, ServeConfig, serve_flags, train_flags
+from .config import AugmentConfig, Config, DataConfig, flags, train_flags
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, UserError, first_line
+from .evaluation.settings import CompareOptions, EvaluateOptions
+from .meta import IMAGE_SIZE_RANGE
+from .serving.settings import ExportOptions, ModelOptions, PredictOptions, ServeConfig
 
 S = argparse.SUPPRESS  # only flags the user gives reach the config; defaults live in config.py
+# Every flag below comes from a declaration (config.setting) beside its default: training's
+# in config, evaluate's and compare's in evaluation.settings, the model commands' in
+# serving.settings. Only positional arguments and lr-find's sweep are declared here.
 
 
 def _number(kind: type, low: float, high: float | None = None, *, above: bool = False):
@@ -126,25 +133,7 @@ def _compare_parser(sub: Any) -> None:
         "intervals, CIFAR-10-C accuracy, ECE, file size and CPU inference speed.",
     )
     c.add_argument("models", nargs="+", metavar="RUN_OR_MODEL", help="run folders or model files")
-    c.add_argument(
-        "--out",
-        metavar="DIR",
-        default="compare",
-        help="compare.json/.png go here (default compare)",
-    )
-    c.add_argument(
-        "--corruption-images",
-        type=POSITIVE_INT,
-        default=500,
-        metavar="N",
-        help="stratified test images per corrupted set (default 500)",
-    )
-    c.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="folder holding cifar-10-batches-py/ (else $CIFAR10_DATA_DIR, else the user cache)",
-    )
-    _torchscript_flag(c)
+    _add_flags(c, CompareOptions)
 
 
 def _data_parsers(sub: Any) -> None:
@@ -162,11 +151,7 @@ def _data_parsers(sub: Any) -> None:
         ("show", "save a grid of augmented training images as the model sees them"),
     ):
         a = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        a.add_argument(
-            "--data-dir",
-            metavar="DIR",
-            help="folder holding cifar-10-batches-py/ (else $CIFAR10_DATA_DIR, else the user cache)",
-        )
+        _add_flags(a, DataConfig, only={"data_dir"})
         # Every action takes it (info and show decode a folder with a bar; verify hashes files).
         a.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name in ("info", "show"):
@@ -178,7 +163,7 @@ def _data_parsers(sub: Any) -> None:
             )
             a.add_argument(
                 "--store-size",
-                type=_number(int, 16, 1024),
+                type=_number(int, *IMAGE_SIZE_RANGE),
                 metavar="PX",
                 help="folder: stored size (default: the device's default training resolution)",
             )
@@ -191,20 +176,7 @@ def _data_parsers(sub: Any) -> None:
             )
             a.add_argument("--n", type=_number(int, 1, 256), default=32, help="images (default 32)")
             a.add_argument("--seed", type=_number(int, 0), default=0, help="default 0")
-            a.add_argument(
-                "--crop-padding",
-                type=_number(int, 0, 16),
-                default=4,
-                metavar="PX",
-                help="default 4",
-            )
-            a.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-            a.add_argument(
-                "--mixup", type=_number(float, 0), default=0.0, metavar="ALPHA", help="default 0"
-            )
-            a.add_argument(
-                "--cutmix", type=_number(float, 0), default=0.0, metavar="ALPHA", help="default 0"
-            )
+            _add_flags(a, AugmentConfig, prefix="augment.")  # as train declares them
         _SUBPARSERS[f"data {name}"] = a
 
 
@@ -260,50 +232,7 @@ def _evaluate_parser(sub: Any) -> None:
         metavar="MODEL",
         help="a checkpoint (runs/X/best.pt) or an export (.onnx, fp32 or int8; .torchscript.pt)",
     )
-    e.add_argument(
-        "--data",
-        metavar="SOURCE",
-        help="cifar10 or folder:PATH (default: the data the model was trained on, as its "
-        "metadata records)",
-    )
-    e.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="folder holding cifar-10-batches-py/ (else $CIFAR10_DATA_DIR, else the user cache)",
-    )
-    e.add_argument(
-        "--out",
-        metavar="DIR",
-        help="where metrics.json, confusion.{json,png}, top_losses.png, reliability.png (and "
-        "robustness.{json,png}) go (default: MODEL's folder/eval)",
-    )
-    e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
-    e.add_argument(
-        "--corruptions",
-        action="store_true",
-        help="also the CIFAR-10-C sweep: 15 corruptions × 5 severities, generated on the fly",
-    )
-    e.add_argument(
-        "--corruption-images",
-        type=POSITIVE_INT,
-        metavar="N",
-        help="stratified test images for the sweep (default: 2000 on a CPU, all 10000 on a GPU)",
-    )
-    e.add_argument("--seed", type=int, default=0, help="corruptions' randomness (default 0)")
-    _torchscript_flag(e)
-    e.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="default auto (cuda if available)",
-    )
-    e.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="default auto: bf16 where fast (as training); fp32 for bit-exact comparisons",
-    )
-    e.add_argument("--batch-size", type=POSITIVE_INT, default=500, help="default 500")
+    _add_flags(e, EvaluateOptions)
 
 
 def _predict_parser(sub: Any) -> None:
@@ -324,22 +253,8 @@ def _predict_parser(sub: Any) -> None:
     pr.add_argument(
         "paths", metavar="PATH", nargs="+", help="image files, folders (recursive) or glob patterns"
     )
-    pr.add_argument(
-        "--top-k",
-        type=POSITIVE_INT,
-        default=3,
-        help="default 3; more than the model's classes shows them all",
-    )
-    pr.add_argument(
-        "--format", choices=("table", "json", "csv"), default="table", help="default table"
-    )
-    pr.add_argument(
-        "--output", metavar="FILE", help="write results here instead of stdout ('-': stdout)"
-    )
-    pr.add_argument(
-        "--batch-size", type=POSITIVE_INT, default=64, help="images per model call (default 64)"
-    )
-    _add_model_flags(pr)
+    _add_flags(pr, PredictOptions)
+    _add_flags(pr, ModelOptions)
 
 
 def _export_parser(sub: Any) -> None:
@@ -352,40 +267,7 @@ def _export_parser(sub: Any) -> None:
         "check fails.",
     )
     x.add_argument("checkpoint", metavar="CHECKPOINT")
-    x.add_argument(
-        "--format",
-        choices=("torchscript", "onnx"),
-        required=True,
-        help="onnx (runs anywhere ONNX Runtime does; --int8 for speed) or torchscript",
-    )
-    x.add_argument(
-        "--int8",
-        action="store_true",
-        help="ONNX Runtime static int8 quantization, calibrated on training images",
-    )
-    x.add_argument(
-        "--out",
-        metavar="FILE",
-        help="default: beside the checkpoint (.torchscript.pt, .onnx, .int8.onnx)",
-    )
-    x.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="CIFAR-10 for the parity check and calibration (a folder model uses its folder)",
-    )
-    x.add_argument(
-        "--parity-images",
-        type=_number(int, 0),
-        metavar="N",
-        help="default 1000; int8: the whole test set (0 = all)",
-    )
-    x.add_argument(
-        "--calibration-images",
-        type=POSITIVE_INT,
-        default=1000,
-        metavar="N",
-        help="int8: training images that calibrate activation ranges (default 1000)",
-    )
+    _add_flags(x, ExportOptions)
 
 
 def _serve_parser(sub: Any) -> None:
@@ -396,56 +278,55 @@ def _serve_parser(sub: Any) -> None:
         "/labels, a web page at / and the API docs at /docs.",
     )
     sv.add_argument("model", metavar="MODEL", help="checkpoint (.pt), TorchScript or ONNX file")
-    sv.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    sv.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="default 8000")
-    defaults = ServeConfig()
-    for flag, key, kwargs in serve_flags():
-        low, above = kwargs.pop("low", None), kwargs.pop("above", None)
+    _add_flags(sv, ServeConfig)
+    _add_flags(sv, ModelOptions)
+
+
+def _add_flags(
+    parser: argparse.ArgumentParser,
+    kind: type,
+    *,
+    prefix: str = "",
+    only: set[str] | None = None,
+) -> None:
+    """The flags ``kind`` declares (``config.flags``), with their declared defaults."""
+    declared = [d for d in flags(kind, prefix) if only is None or d[1] in only]
+    _add_declared(parser, declared, kind(), prefix)
+
+
+def _add_declared(
+    parser: argparse.ArgumentParser,
+    declared: list[tuple[str, str, dict[str, Any]]],
+    defaults: Any | None,
+    prefix: str = "",
+) -> None:
+    """Declared flags with their range checks; ``defaults`` None: only the flags the user
+    gives reach ``args`` (training's, which a config file may set too)."""
+    for flag, key, kwargs in declared:
+        kwargs = dict(kwargs)
+        low, high, above = (
+            kwargs.pop("low", None),
+            kwargs.pop("high", None),
+            kwargs.pop("above", None),
+        )
         if low is not None or above is not None:
             bound = above if above is not None else low
-            kwargs["type"] = _number(kwargs["type"], bound, above=above is not None)
-        if "action" not in kwargs:
+            kwargs["type"] = _number(kwargs["type"], bound, high, above=above is not None)
+        if "action" not in kwargs and "choices" not in kwargs:
             kwargs.setdefault("metavar", flag[2:].upper().replace("-", "_"))
-        sv.add_argument(flag, dest=key, default=getattr(defaults, key), **kwargs)
-    _add_model_flags(sv)
+        default = S if defaults is None else getattr(defaults, key.removeprefix(prefix))
+        parser.add_argument(flag, dest=key, default=default, **kwargs)
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--backend",
-        choices=("auto", "torch", "torchscript", "onnx"),
-        default="auto",
-        help="default: by file type",
-    )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu")
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="fp32",
-        help="for checkpoints (default fp32; bf16 is faster on CPUs that have it)",
-    )
-    p.add_argument(
-        "--threads", type=POSITIVE_INT, metavar="N", help="CPU threads (default: all cores)"
-    )
-    _torchscript_flag(p)
-
-
-def _torchscript_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--allow-torchscript-code",
-        action="store_true",
-        help="load a TorchScript model: it is a program that runs with your permissions "
-        "(it can read and write files), so only for files you trust",
+def _options(args: argparse.Namespace, kind: type, prefix: str = "") -> Any:
+    """``kind`` built from the parsed flags it declares (undeclared fields keep defaults)."""
+    return kind(
+        **{key.removeprefix(prefix): getattr(args, key) for _, key, _ in flags(kind, prefix)}
     )
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, leave_out: set[str] = frozenset()) -> None:
-    for flag, key, kwargs in TRAIN_FLAGS:
-        if key in leave_out:
-            continue
-        if "action" not in kwargs and "choices" not in kwargs:
-            kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
-        parser.add_argument(flag, dest=key, default=S, **kwargs)
+    _add_declared(parser, [d for d in TRAIN_FLAGS if d[1] not in leave_out], None)
 
 
 def _train_config(args: argparse.Namespace) -> Config:
@@ -486,6 +367,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         return EXIT_OK
     from . import data
 
+    if args.action == "show":  # checked as train checks them, before any data is read
+        from .config import override
+
+        given = {key: getattr(args, key) for _, key, _ in flags(AugmentConfig, "augment.")}
+        args.augment = override(Config(), given).augment
     data.check(args.data, args.data_dir)
     store_size = args.store_size
     if args.data != "cifar10" and store_size is None:
@@ -520,15 +406,11 @@ def _show(args: argparse.Namespace, arrays: Any) -> None:
     from .fileio import prepare_output
 
     prepare_output(args.out, [], "--out")
+    a = args.augment
     images, titles = augment.sample_batch(
-        arrays,
-        n=args.n,
-        seed=args.seed,
-        padding=args.crop_padding,
-        flip=not args.no_flip,
-        mixup=args.mixup,
-        cutmix=args.cutmix,
-    )
+        arrays, n=args.n, seed=args.seed, padding=a.crop_padding, flip=a.flip, mixup=a.mixup,
+        cutmix=a.cutmix,
+    )  # fmt: skip
     plots.grid_png(images, titles, args.out)
     print(f"{len(images)} augmented training images → {args.out}")
 
@@ -577,20 +459,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import api
 
-    report = api.evaluate(
-        args.checkpoint,
-        data_source=args.data,
-        data_dir=args.data_dir,
-        out_dir=args.out,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        tta_flip=args.tta,
-        corruptions=args.corruptions,
-        corruption_images=args.corruption_images,
-        seed=args.seed,
-        allow_code=args.allow_torchscript_code,
-    )
+    options = _options(args, EvaluateOptions)
+    report = api.evaluate(args.checkpoint, **dataclasses.asdict(options))
     print(report.table())
     return EXIT_OK
 
@@ -598,13 +468,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .evaluation import compare
 
-    rows = compare.run(
-        args.models,
-        out=args.out,
-        data_dir=args.data_dir,
-        corruption_images=args.corruption_images,
-        allow_code=args.allow_torchscript_code,
-    )
+    rows = compare.run(args.models, **dataclasses.asdict(_options(args, CompareOptions)))
     print(compare.table(rows))
     print(f"\n→ {args.out}/compare.png and compare.json")
     return EXIT_OK
@@ -620,15 +484,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         prepare_output(args.output, [args.model, *files], "--output")
     for r in rejected:
         print(f"error: {printable(r.path)}: {r.reason}", file=sys.stderr)
-    predictor = inference.load(
-        args.model,
-        backend=args.backend,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        threads=args.threads,
-        allow_code=args.allow_torchscript_code,
-    )
+    model = dataclasses.asdict(_options(args, ModelOptions))
+    predictor = inference.load(args.model, batch_size=args.batch_size, **model)
     predictions = []
     progress = len(files) > 200 and sys.stderr.isatty()
     for result in predict.predict_files(predictor, files, args.top_k, progress):
@@ -652,15 +509,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .serving import export
 
-    report = export.run(
-        args.checkpoint,
-        args.format,
-        out=args.out,
-        int8=args.int8,
-        data_dir=args.data_dir,
-        parity_images=args.parity_images,
-        calibration_images=args.calibration_images,
-    )
+    report = export.run(args.checkpoint, **dataclasses.asdict(_options(args, ExportOptions)))
     print(report.table())
     return EXIT_OK if report.passed else EXIT_FAILURE
 
@@ -670,18 +519,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serving import serve
 
     require_file(args.model, "model")
-    settings = ServeConfig(**{key: getattr(args, key) for _, key, _ in serve_flags()})
-    serve.run(
-        args.model,
-        host=args.host,
-        port=args.port,
-        backend=args.backend,
-        device=args.device,
-        precision=args.precision,
-        threads=args.threads,
-        settings=settings,
-        allow_code=args.allow_torchscript_code,
-    )
+    model, settings = _options(args, ModelOptions), _options(args, ServeConfig)
+    serve.run(args.model, model=model, settings=settings)
     return EXIT_OK
 
 

@@ -33,9 +33,21 @@ PROBE_SOLVERS = ("lbfgs", "adamw")
 
 
 def setting(default: Any, flag: str | None = None, help: str = "", **argparse: Any) -> Any:
-    """A config field and its command-line flag, declared once: the CLI's flag table, its
-    help texts and the README's defaults all derive from these (``train_flags``)."""
+    """A settings field and its command-line flag, declared once: the CLI's parsers, their
+    help texts and the README's defaults all derive from these (:func:`flags`). ``argparse``:
+    its keywords (``choices``, ``metavar``, ``required``), or a range the CLI checks
+    (``low``/``high``: value ≥ low, ≤ high; ``above``: value > above)."""
     return field(default=default, metadata={"flag": flag, "help": help, **argparse})
+
+
+def data_dir_setting() -> Any:
+    """``--data-dir``, for every command that reads CIFAR-10."""
+    return setting(
+        None,
+        "--data-dir",
+        "folder holding cifar-10-batches-py/ (default $CIFAR10_DATA_DIR, else the user cache)",
+        metavar="DIR",
+    )
 
 
 @dataclass(frozen=True)
@@ -47,12 +59,7 @@ class DataConfig:
         "PATH/test/ [and PATH/val/] of that shape)",
         metavar="SOURCE",
     )
-    data_dir: str | None = setting(
-        None,
-        "--data-dir",
-        "folder holding cifar-10-batches-py/ (default $CIFAR10_DATA_DIR, else the user cache)",
-        metavar="DIR",
-    )
+    data_dir: str | None = data_dir_setting()
     # Download the official archive when the folder has no data (md5-verified, never silent).
     download: bool = setting(True, "--no-download", "fail instead of downloading CIFAR-10")
     # Images are stored at the model's resolution: every pixel the model will see is kept, and
@@ -258,79 +265,6 @@ class TrainConfig:
     )
 
 
-# Limits for user images (predict and serve share them).
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
-# Refuse images above this many pixels before decoding them (a 30000×30000 PNG header would
-# otherwise ask for 2.7 GB). 50 MP covers any camera photo.
-MAX_IMAGE_PIXELS = 50_000_000
-# Per-image decode deadline. A 48 MP PNG decodes in ~1 s on this 2-core CPU, a 12 MP JPEG in
-# ~0.1 s (draft mode); 5 s is far beyond any honest file.
-MAX_DECODE_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Settings of ``serve``, each declared with its flag (``serve_flags``). ``low`` / ``above``
-    are the flags' range checks (value ≥ low, or > above)."""
-
-    max_body_mb: float = setting(
-        MAX_IMAGE_BYTES / 2**20, "--max-body-mb", "request body limit in MiB", above=0
-    )
-    max_pixels: int = setting(
-        MAX_IMAGE_PIXELS, "--max-pixels", "per image, checked from the header", low=1
-    )
-    # Sum of header pixels of one request's images; beyond this: 413 before any decoding
-    # (32 near-limit images in one request took 2.3 GB and 59 s before this bound).
-    max_request_pixels: int = setting(
-        2 * MAX_IMAGE_PIXELS, "--max-request-pixels", "all images of one request together", low=1
-    )
-    max_files: int = 64  # images in one request
-    max_batch: int = setting(32, "--max-batch", "images per model call", low=1)
-    # 0 (greedy) measured best here: with 5 ms, throughput at concurrency 1 halved, and under
-    # load batches fill while the model runs anyway.
-    max_wait_ms: float = setting(
-        0.0,
-        "--max-wait-ms",
-        "extra wait for a fuller batch (0: batches form while the model runs)",
-        low=0,
-    )
-    queue_images: int = setting(256, "--queue-size", "images waiting before 503", low=1)
-    # From the first byte read to the answer; beyond it the request's remaining work is dropped.
-    timeout_s: float = setting(
-        30.0,
-        "--timeout",
-        "seconds per request (upload, decoding, queue, model) before 504",
-        above=0,
-    )
-    top_k: int = 5
-    decode_timeout_s: float = setting(
-        MAX_DECODE_SECONDS, "--decode-timeout", "seconds to decode one image before 422", above=0
-    )
-    # Each decoding thread may hold a 50 MP image (150 MB).
-    decode_workers: int | None = setting(
-        None,
-        "--decode-workers",
-        "images decoded at once across requests (default: the CPU cores)",
-        low=1,
-        metavar="N",
-    )
-    # One line per request (client, method, path, status) on stderr, as web servers do; off
-    # for the last few percent of throughput in a load test.
-    access_log: bool = setting(True, "--no-access-log", "no line per request on stderr")
-    # uvicorn's httptools parser has no limit of its own: a 64 MiB header was accepted.
-    max_header_kb: int = setting(
-        64, "--max-header-kb", "request line + headers in KiB before 431", low=1
-    )
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * 2**20)
-
-    @property
-    def max_header_bytes(self) -> int:
-        return self.max_header_kb * 1024
-
-
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -437,8 +371,9 @@ def _show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _flags(kind: type, prefix: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """(flag, key, argparse keywords) of each field of ``kind`` declared with a flag."""
+def flags(kind: type, prefix: str = "") -> list[tuple[str, str, dict[str, Any]]]:
+    """(flag, key, argparse keywords) of each field of ``kind`` declared with a flag; the
+    key is ``prefix`` + the field's name."""
     defaults, flags = kind(), []
     for f in dataclasses.fields(kind):
         extra = dict(f.metadata)
@@ -464,14 +399,7 @@ def _flags(kind: type, prefix: str) -> list[tuple[str, str, dict[str, Any]]]:
 def train_flags() -> list[tuple[str, str, dict[str, Any]]]:
     """(flag, dotted key, argparse keywords) of every training setting that has a flag: the
     one declaration of flags, help texts and defaults."""
-    return [
-        flag for section, kind in _SECTION_TYPES.items() for flag in _flags(kind, f"{section}.")
-    ]
-
-
-def serve_flags() -> list[tuple[str, str, dict[str, Any]]]:
-    """The same for ``serve`` (keys are ServeConfig's field names; ``low``/``above`` range)."""
-    return _flags(ServeConfig, "")
+    return [flag for section, kind in _SECTION_TYPES.items() for flag in flags(kind, f"{section}.")]
 
 
 def field_keys() -> dict[str, str]:
@@ -548,7 +476,11 @@ def validate(cfg: Config) -> None:
             t.epochs is None and t.steps_per_epoch is None,
             "--budget plans the epochs and steps itself; drop --epochs/--steps-per-epoch",
         )
-    check(m.image_size is None or 16 <= m.image_size <= 512, "--image-size must be in 16..512")
+    low, high = IMAGE_SIZE_RANGE
+    check(
+        m.image_size is None or low <= m.image_size <= high,
+        f"--image-size must be in {low}..{high}",
+    )
     check(o.lr is None or o.lr > 0, "--lr must be positive")
     check(o.weight_decay is None or o.weight_decay >= 0, "--weight-decay must be 0 or more")
     check(0 <= o.warmup < 1, "--warmup is a fraction of all steps, in [0, 1)")
@@ -560,8 +492,8 @@ def validate(cfg: Config) -> None:
     check(d.val_size is None or d.val_size >= 0, "--val-size must be 0 or more")
     check(d.test_size is None or d.test_size >= 1, "--test-size must be at least 1")
     check(
-        d.store_size is None or IMAGE_SIZE_RANGE[0] <= d.store_size <= IMAGE_SIZE_RANGE[1],
-        f"--store-size must be in {IMAGE_SIZE_RANGE[0]}..{IMAGE_SIZE_RANGE[1]}",
+        d.store_size is None or low <= d.store_size <= high,
+        f"--store-size must be in {low}..{high}",
     )
     check(
         d.source == "cifar10" or d.source.startswith("folder:"),

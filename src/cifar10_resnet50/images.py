@@ -40,11 +40,16 @@ from typing import Any
 
 import numpy as np
 
-from .config import MAX_DECODE_SECONDS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from .errors import UserError, first_line
 
-MAX_PIXELS = MAX_IMAGE_PIXELS
-MAX_BYTES = MAX_IMAGE_BYTES
+# Limits for user images (predict and serve share them; serve's flags default to them).
+MAX_BYTES = 20 * 1024 * 1024
+# Refuse images above this many pixels before decoding them (a 30000×30000 PNG header would
+# otherwise ask for 2.7 GB). 50 MP covers any camera photo.
+MAX_PIXELS = 50_000_000
+# Per-image decode deadline. A 48 MP PNG decodes in ~1 s on this 2-core CPU, a 12 MP JPEG in
+# ~0.1 s (draft mode); 5 s is far beyond any honest file.
+MAX_DECODE_SECONDS = 5.0
 # Progressive JPEGs from libjpeg/mozjpeg have 10–20 scans; 100 leaves room for any encoder
 # while bounding the work (each scan revisits every block of the image).
 MAX_JPEG_SCANS = 100
@@ -195,7 +200,7 @@ def _open(data: bytes, name: str, max_pixels: int, deadline: float) -> Any:
     image_module = _pillow()
     from PIL import UnidentifiedImageError
 
-    # DecompressionBombError above 2 × MAX_IMAGE_PIXELS; the warning band below it is
+    # DecompressionBombError above 2 × MAX_PIXELS; the warning band below it is
     # silenced. Process-wide, but every caller in a process uses the same limit.
     image_module.MAX_IMAGE_PIXELS = max(1, max_pixels // 2)
     try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import DEVICES
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
     if name == "cuda":
         return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return torch.device(name)

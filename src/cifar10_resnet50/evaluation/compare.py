@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..fileio import ensure_writable_dir, write_json
 from ..serving import inference
 from . import evaluate
+from .settings import CompareOptions
 
 SPEED_IMAGES = 512  # timed at batch 64, after one warm-up batch
 
@@ -48,9 +49,9 @@ def run(
     paths: list[str],
     *,
     out: str | Path,
-    data_dir: str | Path | None = None,
-    corruption_images: int = 500,
-    allow_code: bool = False,
+    data_dir: str | Path | None = CompareOptions.data_dir,
+    corruption_images: int = CompareOptions.corruption_images,
+    allow_code: bool = CompareOptions.allow_code,
     device: str = "auto",
     progress: bool = True,
 ) -> list[Row]:

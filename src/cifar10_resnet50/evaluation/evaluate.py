@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..fileio import check_not_input, ensure_writable_dir, write_json
 from ..runtime import autocast, pick_device, pick_precision
 from . import robustness
+from .settings import EvaluateOptions
 
 log = logging.getLogger(__name__)
 
@@ -176,18 +177,18 @@ def resolve_model(path: str | Path) -> Path:
 def run(
     model_path: str | Path,
     *,
-    data_source: str | None = None,
-    data_dir: str | None = None,
-    out_dir: str | Path | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    batch_size: int = 500,
-    tta_flip: bool = False,
+    data_source: str | None = EvaluateOptions.data_source,
+    data_dir: str | None = EvaluateOptions.data_dir,
+    out_dir: str | Path | None = EvaluateOptions.out_dir,
+    device: str = EvaluateOptions.device,
+    precision: str = EvaluateOptions.precision,
+    batch_size: int = EvaluateOptions.batch_size,
+    tta_flip: bool = EvaluateOptions.tta_flip,
     plot: bool = True,
-    corruptions: bool = False,
-    corruption_images: int | None = None,
-    seed: int = 0,
-    allow_code: bool = False,
+    corruptions: bool = EvaluateOptions.corruptions,
+    corruption_images: int | None = EvaluateOptions.corruption_images,
+    seed: int = EvaluateOptions.seed,
+    allow_code: bool = EvaluateOptions.allow_code,
     progress: bool = True,
 ) -> EvalReport:
     """Evaluate a model file — a checkpoint, or a TorchScript/ONNX (fp32 or int8) export — on

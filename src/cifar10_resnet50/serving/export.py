@@ -27,10 +27,10 @@ from .. import checkpoint, data
 from ..errors import UserError
 from ..fileio import prepare_output, remove_stale_temps, temp_dir_beside, write_bytes
 from . import inference
+from .settings import EXPORT_FORMATS, ExportOptions
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "onnx")
 PROB_TOLERANCE = 1e-4  # max |Δprobability| allowed between an fp32 export and eager fp32
 ONNX_OPSET = 17
 
@@ -236,16 +236,16 @@ def run(
     checkpoint_path: str | Path,
     fmt: str,
     *,
-    out: str | Path | None = None,
-    int8: bool = False,
-    data_dir: str | Path | None = None,
-    parity_images: int | None = None,
-    calibration_images: int = 1000,
+    out: str | Path | None = ExportOptions.out,
+    int8: bool = ExportOptions.int8,
+    data_dir: str | Path | None = ExportOptions.data_dir,
+    parity_images: int | None = ExportOptions.parity_images,
+    calibration_images: int = ExportOptions.calibration_images,
 ) -> ExportReport:
     """Export, then check against eager fp32 on ``parity_images`` test images (default: 1,000;
     for int8 the whole test set, since its accuracy is what is reported)."""
-    if fmt not in FORMATS:
-        raise UserError(f"--format must be one of {FORMATS}")
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"--format must be one of {EXPORT_FORMATS}")
     if int8 and fmt != "onnx":
         raise UserError("--int8 is for --format onnx (ONNX Runtime static quantization)")
     checkpoint_path = Path(checkpoint_path)

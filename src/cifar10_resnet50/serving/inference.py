@@ -26,10 +26,10 @@ import numpy as np
 from ..errors import UserError, first_line
 from ..fileio import require_file
 from ..meta import validate_meta
+from .settings import BACKENDS, ModelOptions, PredictOptions
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "torchscript", "onnx")
 META_KEY = "cifar10_resnet50"  # key of the JSON model facts inside exports
 
 
@@ -108,12 +108,12 @@ TORCHSCRIPT_FLAG = "--allow-torchscript-code"
 def load(
     path: str | Path,
     *,
-    backend: str = "auto",
-    device: str = "cpu",
-    precision: str = "fp32",
-    batch_size: int = 64,
-    threads: int | None = None,
-    allow_code: bool = False,
+    backend: str = ModelOptions.backend,
+    device: str = ModelOptions.device,
+    precision: str = ModelOptions.precision,
+    batch_size: int = PredictOptions.batch_size,
+    threads: int | None = ModelOptions.threads,
+    allow_code: bool = ModelOptions.allow_code,
 ) -> Predictor:
     """Load a checkpoint or an export and validate it; every problem is a one-line UserError.
 

@@ -33,9 +33,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import images as images_lib
-from ..config import ServeConfig
 from ..errors import UserError, first_line
 from .inference import Predictor, top_json
+from .settings import ModelOptions, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -516,33 +516,19 @@ def exposure_warning(host: str) -> str | None:
     )
 
 
-def run(
-    model_path: str,
-    *,
-    host: str,
-    port: int,
-    backend: str,
-    device: str,
-    precision: str,
-    threads: int | None,
-    settings: ServeConfig,
-    allow_code: bool = False,
-) -> None:
+def run(model_path: str, *, model: ModelOptions, settings: ServeConfig) -> None:
+    """Serve the model file until stopped (Ctrl-C)."""
+    import dataclasses
+
     import uvicorn
 
     from . import inference
 
     def load() -> Predictor:
-        return inference.load(
-            model_path,
-            backend=backend,
-            device=device,
-            precision=precision,
-            batch_size=settings.max_batch,
-            threads=threads,
-            allow_code=allow_code,
-        )
+        options = dataclasses.asdict(model)
+        return inference.load(model_path, batch_size=settings.max_batch, **options)
 
+    host, port = settings.host, settings.port
     check_can_listen(host, port)
     if warning := exposure_warning(host):
         log.warning(warning)

@@ -15,13 +15,15 @@ from typing import Any
 
 import torch
 
+from .callbacks import Callback
+
 log = logging.getLogger(__name__)
 
 SAMPLES = 16  # validation images in the per-epoch predictions grid
 
 
-class Board:
-    """Writes TensorBoard events; every method is a no-op when disabled."""
+class Board(Callback):
+    """Writes TensorBoard events; every method is a no-op when disabled. A loop callback."""
 
     def __init__(self, folder: Path | None, *, start_step: int = 0):
         self.writer = None
@@ -78,6 +80,17 @@ class Board:
         ]
         ok = [p == t for p, t in zip(pred.tolist(), labels[:n].tolist(), strict=True)]
         self.writer.add_figure("val/predictions", plots.grid_figure(images[:n], titles, ok), step)
+
+    def sync(self, trainer: Any, state: Any, loss: float, img_per_s: float) -> None:
+        self.step(state.step, loss, trainer.opt.lr, img_per_s)
+
+    def epoch_end(self, trainer: Any, state: Any, row: dict[str, Any], val_logits: Any) -> None:
+        split = trainer.split
+        if val_logits is not None and trainer.process.is_main and len(split.val_y):
+            self.predictions(
+                row["step"], split.val_x, val_logits, split.val_y, trainer.meta["classes"]
+            )
+        self.epoch(row)
 
     def close(self) -> None:
         if self.writer:

@@ -1,7 +1,8 @@
 """The learning-rate range test (Smith 2017, "Cyclical Learning Rates"; fastai's ``lr_find``).
 
 Train for a short sweep while the learning rate grows exponentially from ``start_lr`` to
-``end_lr``, on the run's own model, strategy, precision and augmented batches; record the loss;
+``end_lr``, with the run's own model, strategy, optimizer, precision, clipping and augmented
+batches (mixup/CutMix included: the step and the batches are ``core``'s, as the loop's); record the loss;
 stop once it has clearly diverged. The loss curve falls, flattens, then explodes: a good peak
 learning rate sits well before the explosion. We suggest the lr at the minimum of the smoothed
 loss divided by 10 (Smith's and fastai's classic rule) and also report the steepest descent.
@@ -13,6 +14,7 @@ exactly as they were (tested).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import data
 from .. import model as model_lib
@@ -28,15 +29,9 @@ from ..config import Config, resolve
 from ..data import augment
 from ..errors import UserError
 from ..fileio import ensure_writable_dir, write_json
-from ..runtime import autocast, pick_device, pick_precision
-from .train import (
-    frozen_at,
-    load_data,
-    make_optimizer,
-    param_groups,
-    set_backbone_frozen,
-    set_train_mode,
-)
+from ..runtime import pick_device, pick_precision
+from . import core
+from .trainer import load_data, step_recipe
 
 log = logging.getLogger(__name__)
 
@@ -69,52 +64,52 @@ def sweep(
     steps: int,
     start_lr: float,
     end_lr: float,
-    amp_dtype: torch.dtype | None = None,
-    label_smoothing: float = 0.0,
+    recipe: core.StepRecipe | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[list[float], list[float]]:
     """(lrs, smoothed losses); model and optimizer are restored to their state on entry.
 
-    Each param group keeps its ratio to the head's lr (the backbone stays at its
+    Each step is the training loop's own (:func:`core.train_step`: ``recipe``'s precision,
+    label smoothing and gradient clipping; ``scaler`` for fp16) on ``batches`` of (images,
+    targets); only the schedule differs: exponential from ``start_lr`` to ``end_lr``. Each
+    param group keeps its ratio to the head's lr (the backbone stays at its
     ``backbone_lr_scale`` of the head), so the swept lr means the same as ``--lr``.
     """
     if steps < 2 or not 0 < start_lr < end_lr:
         raise UserError("lr-find needs --steps ≥ 2 and 0 < --start-lr < --end-lr")
-    model_state = copy.deepcopy(model.state_dict())
-    optim_state = copy.deepcopy(optimizer.state_dict())
+    device = next(model.parameters()).device
+    recipe = recipe or core.StepRecipe(device, None, 0.0, 0.0, channels_last=False)
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     groups = optimizer.param_groups
     head = next((g["lr"] for g in groups if g.get("name", "").startswith("head")), groups[0]["lr"])
-    ratios = [g["lr"] / head for g in groups]
-    device = next(model.parameters()).device
+
+    def swept(i: int) -> float:  # the head's lr at step i
+        return start_lr * (end_lr / start_lr) ** (min(i, steps - 1) / (steps - 1))
+
+    model_state = copy.deepcopy(model.state_dict())
+    optim_state = copy.deepcopy(optimizer.state_dict())
     lrs, losses = [], []
     avg, best = 0.0, math.inf
     try:
-        for i in range(steps):
-            try:
-                xb, yb = next(batches)
-            except StopIteration:
-                break
-            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
-            for g, r in zip(optimizer.param_groups, ratios, strict=True):
-                g["lr"] = lr * r
-            with autocast(device, amp_dtype):
-                logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.detach())  # one host sync per step: a sweep is ~100 steps
+        for g in groups:  # a schedule's base is each group's lr now, not an earlier one's
+            g.pop("initial_lr", None)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: swept(i) / head)
+        opt = core.Optimization(optimizer, schedule, scaler)
+        for i, (xb, target) in zip(range(steps), batches, strict=False):
+            loss, _ = core.train_step(model, model, opt, recipe, xb, target)
+            value = float(loss)  # one host sync per step: a sweep is ~100 steps
             if not math.isfinite(value):
                 break
             avg = SMOOTHING * avg + (1 - SMOOTHING) * value
             smoothed = avg / (1 - SMOOTHING ** (i + 1))
-            lrs.append(lr)
+            lrs.append(swept(i))
             losses.append(smoothed)
             best = min(best, smoothed)
             if i > 10 and smoothed > DIVERGED * best:
                 break
     finally:
         model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
+        optimizer.load_state_dict(optim_state)  # the lrs too
     return lrs, losses
 
 
@@ -131,34 +126,6 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
     ]
     steep = lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)] if slopes else lrs[i_min]
     return lrs[i_min] / 10, steep
-
-
-def _batches(
-    cfg: Config, arrays: data.Arrays, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The run's augmented training batches, epoch after epoch."""
-    d = cfg.data
-    train_idx, _ = arrays.split(d.val_size, cfg.train.seed, d.subset)
-    x, y = arrays.train_x[train_idx].to(device), arrays.train_y[train_idx].to(device)
-    if augment.steps_per_epoch(len(x), cfg.train.batch_size) == 0:
-        raise UserError(f"{len(x)} images make no batch of {cfg.train.batch_size}")
-    num_classes = len(arrays.classes)
-    epoch = 0
-    while True:
-        for _, xb, yb, _ in augment.train_batches(
-            x,
-            y,
-            batch_size=cfg.train.batch_size,
-            seed=cfg.train.seed,
-            epoch=epoch,
-            padding=cfg.augment.crop_padding,
-            flip=cfg.augment.flip,
-            num_classes=num_classes,
-        ):
-            if cfg.train.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb
-        epoch += 1
 
 
 def run(
@@ -182,32 +149,30 @@ def run(
     arrays = load_data(cfg, progress=t.progress)
     model = model_lib.build(
         cfg.model.weights, cfg.model.image_size, len(arrays.classes), backbone=backbone
-    )
-    batches = _batches(cfg, arrays, device)
-    model = model.to(device)
+    ).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    frozen = frozen_at(t.strategy, 0, t.freeze_epochs)
-    set_backbone_frozen(model, frozen)
-    set_train_mode(model, frozen)
-    o = cfg.optim
-    scale = o.backbone_lr_scale if cfg.model.weights != "none" else 1.0
-    groups = param_groups(model, 1.0, scale, o.weight_decay)
-    if frozen:
-        groups = [g for g in groups if g["name"].startswith("head")]
-    optimizer = make_optimizer(groups, o.optimizer, o.momentum)
+    train_idx, _ = arrays.split(cfg.data.val_size, t.seed, cfg.data.subset)
+    if augment.steps_per_epoch(len(train_idx), t.batch_size) == 0:
+        raise UserError(f"{len(train_idx)} images make no batch of {t.batch_size}")
+    batches = core.Batches(
+        arrays.train_x[train_idx].to(device), arrays.train_y[train_idx].to(device),
+        batch_size=t.batch_size, seed=t.seed, augment=cfg.augment,
+        num_classes=len(arrays.classes),
+    )  # fmt: skip
+    frozen = core.frozen_at(t.strategy, 0, t.freeze_epochs)
+    core.set_frozen(model, frozen)
     amp = pick_precision(t.precision, device)
+    # The run's optimizer with the head at lr 1: the sweep's schedule sets the lr itself.
+    opt = core.Optimization.build(
+        model, dataclasses.replace(cfg.optim, lr=1.0), pretrained=cfg.model.weights != "none",
+        head_only=frozen, total_steps=steps, amp_dtype=amp, device_type=device.type,
+    )  # fmt: skip
     log.info("lr range test: %d steps from %.0e to %.0e on %s", steps, start_lr, end_lr, device)
     lrs, losses = sweep(
-        model,
-        optimizer,
-        batches,
-        steps=steps,
-        start_lr=start_lr,
-        end_lr=end_lr,
-        amp_dtype=amp,
-        label_smoothing=o.label_smoothing,
-    )
+        model, opt.optimizer, batches.endless(), steps=steps, start_lr=start_lr, end_lr=end_lr,
+        recipe=step_recipe(cfg, device, amp), scaler=opt.scaler,
+    )  # fmt: skip
     suggested, steepest = suggest(lrs, losses)
     ensure_writable_dir(out)
     from ..evaluation.plots import lr_find_png

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,11 @@ import torch.nn.functional as F
 
 from .. import data
 from .. import model as model_lib
+from ..checkpoint import RunState
 from ..errors import UserError, first_line
 from ..fileio import file_digest, remove_stale_temps, save_torch
+from . import metrics
+from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -304,3 +308,77 @@ def fit_head(
     weight = head.weight.detach() / std
     bias = head.bias.detach() - (head.weight.detach() * (mean / std)).sum(1)
     return Head(weight, bias, l2, acc, loss, train_acc, train_loss)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def fit(t: Trainer, state: RunState) -> None:
+    """``--strategy linear`` for a built run: cached backbone features, the head fitted on
+    them, the head copied into the model; one metrics row, ``last.pt`` and (with a
+    validation split) ``best.pt``, which hold the whole model as any run's do."""
+    if t.process.distributed:
+        raise UserError(
+            "--strategy linear fits the head on cached features in one process (seconds after "
+            "the features); run it without torchrun"
+        )
+    cfg, s, t0 = t.cfg, t.split, time.perf_counter()
+    features = cached_features(
+        t.model, s.arrays, torch.cat([s.train_idx, s.val_idx]),
+        key_parts={
+            "weights": weights_identity(cfg.model.weights, cfg.train.seed),
+            "image_size": cfg.model.image_size,
+            "precision": str(t.amp_dtype),
+        },
+        device=t.device, amp_dtype=t.amp_dtype, batch_size=cfg.train.eval_batch_size,
+        flip=cfg.train.probe_mirrors,
+    )  # fmt: skip
+    rows, has_val = features.rows(s.train_idx), len(s.val_idx) > 0
+    t_fit = time.perf_counter()
+    head = fit_head(
+        features.plain[rows], s.arrays.train_y[s.train_idx],
+        features.plain[features.rows(s.val_idx)] if has_val else None,
+        s.arrays.train_y[s.val_idx] if has_val else None,
+        t.meta["num_classes"], cfg.train.probe_solver,
+        # each mirror image is one more training example
+        mirrored_x=None if features.flipped is None else features.flipped[rows],
+    )  # fmt: skip
+    fit_seconds = time.perf_counter() - t_fit
+    with torch.no_grad():
+        t.model.net.fc.weight.copy_(head.weight.to(t.model.net.fc.weight.device))
+        t.model.net.fc.bias.copy_(head.bias.to(t.model.net.fc.bias.device))
+    seconds = time.perf_counter() - t0
+    row = _row(t, head, seconds, fit_seconds, features.cached)
+    log.info(
+        "linear probe: L2 %.0e, train acc %.2f%%, %s in %.1f s (features %s)",
+        head.l2, 100 * head.train_acc,
+        "no val split" if head.val_acc is None else f"val acc {100 * head.val_acc:.2f}%",
+        seconds, "from the cache" if features.cached else "computed and cached",
+    )  # fmt: skip
+    state.epoch, state.best_val_acc = cfg.train.epochs, head.val_acc
+    metrics.append(t.out, row)
+    t.saver.save_last(t.model, t.opt, state)
+    if has_val:
+        t.saver.save_best(t.model, row)
+
+
+def _row(t: Trainer, head: Head, seconds: float, fit_seconds: float, cached: bool) -> dict:
+    """The probe's one metrics row, shaped as an epoch's."""
+    return {
+        "epoch": t.cfg.train.epochs,
+        "step": 0,
+        "train_loss": head.train_loss,
+        "train_acc": head.train_acc,
+        "val_loss": head.val_loss,
+        "val_acc": head.val_acc,
+        "lr": None,
+        "seconds": round(seconds, 2),
+        "img_per_s": round(len(t.split.train_idx) / seconds, 1),
+        "frozen_backbone": True,
+        "probe": {
+            "l2": head.l2,
+            "solver": t.cfg.train.probe_solver,
+            "fit_seconds": round(fit_seconds, 2),
+            "features_from_cache": cached,
+        },
+    }
