@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import config as config_lib
-from .config import Config
+from .config import Config, LrFindOptions
 from .errors import UserError
 
 
@@ -75,9 +75,9 @@ def _log_like_the_cli() -> None:
 def lr_find(
     config: Config | str | Path | None = None,
     *,
-    steps: int = 100,
-    start_lr: float = 1e-7,
-    end_lr: float = 10.0,
+    steps: int = LrFindOptions.steps,
+    start_lr: float = LrFindOptions.start_lr,
+    end_lr: float = LrFindOptions.end_lr,
     **settings: Any,
 ):
     """The learning-rate range test for the run these settings describe."""

@@ -17,10 +17,18 @@ import sys
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import AugmentConfig, Config, DataConfig, flags, train_flags
+from .config import (
+    AugmentConfig,
+    Config,
+    DataCommandOptions,
+    DataConfig,
+    LrFindOptions,
+    ShowOptions,
+    flags,
+    train_flags,
+)
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, UserError, first_line
 from .evaluation.settings import CompareOptions, EvaluateOptions
-from .meta import IMAGE_SIZE_RANGE
 from .serving.settings import ExportOptions, ModelOptions, PredictOptions, ServeConfig
 
 S = argparse.SUPPRESS  # only flags the user gives reach the config; defaults live in config.py
@@ -151,32 +159,14 @@ def _data_parsers(sub: Any) -> None:
         ("show", "save a grid of augmented training images as the model sees them"),
     ):
         a = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        _add_flags(a, DataConfig, only={"data_dir"})
-        # Every action takes it (info and show decode a folder with a bar; verify hashes files).
-        a.add_argument("--no-progress", action="store_true", help="no progress bar")
-        if name in ("info", "show"):
-            a.add_argument(
-                "--data",
-                default="cifar10",
-                metavar="SOURCE",
-                help="cifar10 (default) or folder:PATH; a folder's report lists what is left out",
-            )
-            a.add_argument(
-                "--store-size",
-                type=_number(int, *IMAGE_SIZE_RANGE),
-                metavar="PX",
-                help="folder: stored size (default: the device's default training resolution)",
-            )
+        # Every action takes these (info and show decode a folder with a bar; verify hashes).
+        _add_flags(a, DataConfig, prefix="data.", only={"data.data_dir"})
+        _add_flags(a, DataCommandOptions)
+        if name in ("info", "show"):  # declared as train declares them, checked alike
+            _add_flags(a, DataConfig, prefix="data.", only={"data.source", "data.store_size"})
         if name == "show":
-            a.add_argument(
-                "--out",
-                metavar="FILE",
-                default="batch.png",
-                help="PNG to write (default batch.png)",
-            )
-            a.add_argument("--n", type=_number(int, 1, 256), default=32, help="images (default 32)")
-            a.add_argument("--seed", type=_number(int, 0), default=0, help="default 0")
-            _add_flags(a, AugmentConfig, prefix="augment.")  # as train declares them
+            _add_flags(a, ShowOptions)
+            _add_flags(a, AugmentConfig, prefix="augment.")
         _SUBPARSERS[f"data {name}"] = a
 
 
@@ -210,13 +200,7 @@ def _train_parsers(sub: Any) -> None:
     lf.add_argument(
         "--config", metavar="FILE", help="TOML or JSON config file, as for train; flags override it"
     )
-    lf.add_argument(
-        "--steps", type=_number(int, 2), default=100, help="sweep length in steps (default 100)"
-    )
-    lf.add_argument(
-        "--start-lr", type=_number(float, 0, above=True), default=1e-7, help="default 1e-7"
-    )
-    lf.add_argument("--end-lr", type=_number(float, 0, above=True), default=10.0, help="default 10")
+    _add_flags(lf, LrFindOptions)
     _add_train_flags(lf, leave_out=NOT_FOR_LR_FIND)
 
 
@@ -357,38 +341,35 @@ def _train_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    progress = args.progress
     if args.action in ("download", "verify"):
         from .data import cifar10
 
-        root = cifar10.resolve_data_dir(args.data_dir)
+        root = cifar10.resolve_data_dir(getattr(args, "data.data_dir"))
         if args.action == "download":
-            cifar10.download(root, progress=not args.no_progress)
+            cifar10.download(root, progress=progress)
         print(cifar10.verify(root).describe())
         return EXIT_OK
     from . import data
+    from .config import override
 
-    if args.action == "show":  # checked as train checks them, before any data is read
-        from .config import override
-
-        given = {key: getattr(args, key) for _, key, _ in flags(AugmentConfig, "augment.")}
-        args.augment = override(Config(), given).augment
-    data.check(args.data, args.data_dir)
-    store_size = args.store_size
-    if args.data != "cifar10" and store_size is None:
+    # Checked as train checks the same settings, before any data is read.
+    given = {key: getattr(args, key) for key in vars(args) if key.startswith(("data.", "augment."))}
+    cfg = override(Config(), given)
+    d = cfg.data
+    data.check(d.source, d.data_dir)
+    store_size = d.store_size
+    if d.source != "cifar10" and store_size is None:
         import torch
 
         from .config import default_image_size
 
         store_size = default_image_size("cuda" if torch.cuda.is_available() else "cpu")
     arrays = data.load(
-        args.data,
-        data_dir=args.data_dir,
-        store_size=store_size,
-        download=False,
-        progress=not args.no_progress,
+        d.source, data_dir=d.data_dir, store_size=store_size, download=False, progress=progress
     )
     if args.action == "show":
-        _show(args, arrays)
+        _show(_options(args, ShowOptions), cfg.augment, arrays)
         return EXIT_OK
     print(f"source      {arrays.source}")
     print(f"train       {tuple(arrays.train_x.shape)} uint8, labels {tuple(arrays.train_y.shape)}")
@@ -400,19 +381,18 @@ def cmd_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _show(args: argparse.Namespace, arrays: Any) -> None:
+def _show(show: Any, a: AugmentConfig, arrays: Any) -> None:
     from .data import augment
     from .evaluation import plots
     from .fileio import prepare_output
 
-    prepare_output(args.out, [], "--out")
-    a = args.augment
+    prepare_output(show.out, [], "--out")
     images, titles = augment.sample_batch(
-        arrays, n=args.n, seed=args.seed, padding=a.crop_padding, flip=a.flip, mixup=a.mixup,
+        arrays, n=show.n, seed=show.seed, padding=a.crop_padding, flip=a.flip, mixup=a.mixup,
         cutmix=a.cutmix,
     )  # fmt: skip
-    plots.grid_png(images, titles, args.out)
-    print(f"{len(images)} augmented training images → {args.out}")
+    plots.grid_png(images, titles, show.out)
+    print(f"{len(images)} augmented training images → {show.out}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -451,7 +431,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     cfg = _train_config(args)  # checked before torch is imported
     from . import api
 
-    result = api.lr_find(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
+    result = api.lr_find(cfg, **dataclasses.asdict(_options(args, LrFindOptions)))
     print(result.table())
     return EXIT_OK
 

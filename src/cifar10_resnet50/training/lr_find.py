@@ -25,7 +25,7 @@ import torch
 
 from .. import data
 from .. import model as model_lib
-from ..config import Config, resolve
+from ..config import Config, LrFindOptions, resolve
 from ..data import augment
 from ..errors import UserError
 from ..fileio import ensure_writable_dir, write_json
@@ -131,9 +131,9 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
 def run(
     cfg: Config,
     *,
-    steps: int = 100,
-    start_lr: float = 1e-7,
-    end_lr: float = 10.0,
+    steps: int = LrFindOptions.steps,
+    start_lr: float = LrFindOptions.start_lr,
+    end_lr: float = LrFindOptions.end_lr,
     out_dir: str | Path | None = None,
 ) -> LrFindResult:
     """The range test for the run ``cfg`` describes; writes ``lr_find.png`` and ``.json``."""
