@@ -111,5 +111,7 @@ def test_training_fits_a_temperature_on_the_validation_split(synthetic_root, tmp
     t = checkpoint.load(result.best)["model_meta"]["temperature"]
     assert t > 0 and t != 1.0
     assert result.test.metrics["calibration"]["temperature"] == pytest.approx(t)
-    no_val = train.run(tiny(synthetic_root, tmp_path / "n", **{"data.val_size": 0}))
+    no_val = train.run(
+        tiny(synthetic_root, tmp_path / "n", **{"data.val_size": 0}), final_eval=False
+    )
     assert "temperature" not in checkpoint.load(no_val.last)["model_meta"]

@@ -135,7 +135,7 @@ def test_compare_puts_two_models_side_by_side(
 ):
     onnx = onnx_model
     rows = compare.run([str(tiny_checkpoint.parent), str(onnx)], out=tmp_path / "cmp",
-                       data_dir=synthetic_root, corruption_images=10, progress=False)  # fmt: skip
+                       data_dir=synthetic_root, corruption_images=5, progress=False)  # fmt: skip
     assert [r.path for r in rows] == [str(tiny_checkpoint), str(onnx)]
     assert all(0 <= r.ece <= 1 and r.images_per_s > 0 and r.size_mb > 1 for r in rows)
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000

@@ -28,6 +28,9 @@ def tiny(root, out, **changes):
         "train.out": str(out),
         "train.progress": False,
         "train.eval_batch_size": 50,
+        # TensorBoard's figures cost ~1 s an epoch here; its events are tested on the API's
+        # run (test_notebook), so these runs go without.
+        "train.tensorboard": False,
     }
     settings.update(changes)
     return C.override(C.Config(), settings)
