@@ -269,7 +269,7 @@ def test_serve_on_a_busy_port_is_a_one_line_error(tiny_checkpoint, capsys):
 
 def test_serve_flags_come_from_serve_config_with_their_ranges():
     from cifar10_resnet50 import cli
-    from cifar10_resnet50.config import flags
+    from cifar10_resnet50.declare import flags
     from cifar10_resnet50.serving.settings import ServeConfig
 
     args = cli.parse_args(["serve", "m.pt", "--max-body-mb", "2", "--decode-workers", "3"])

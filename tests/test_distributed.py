@@ -123,12 +123,17 @@ def test_ctrl_c_to_the_launcher_saves_and_resume_matches_an_uninterrupted_run(
     args = ["-m", "cifar10_resnet50", "train", "--data-dir", str(synthetic_root), "--weights",
             "none", "--image-size", "32", "--subset", "256", "--batch-size", "16", "--epochs",
             "2", "--val-size", "64", "--device", "cpu", "--no-progress", "--no-tensorboard",
-            "--optimizer", "adamw", "--checkpoint-every", "3"]  # fmt: skip
+            "--optimizer", "adamw"]  # fmt: skip
     full = _run(torchrun(*args, "--out", str(tmp_path / "full")), timeout=400)
     assert full.returncode == 0, full.stderr[-3000:]
+    # The other rank has finished: rank 0 evaluates on both cores, not torchrun's one thread.
+    assert "final evaluation on rank 0 with 2 CPU threads" in full.stderr
     part = tmp_path / "part"
     launcher = subprocess.Popen(
-        torchrun(*args, "--out", str(part)), env=_env(), stdout=subprocess.PIPE,
+        # --checkpoint-every 3: last.pt at step 3 is the evidence to signal on (each save of
+        # AdamW's ~280 MB costs ~1 s here, so the other two runs save per epoch only).
+        torchrun(*args, "--out", str(part), "--checkpoint-every", "3"), env=_env(),
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 120

@@ -12,6 +12,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cifar10_resnet50"
 LAYERS = {
     "errors": 0,
     "config": 0,
+    "declare": 0,
+    "options": 0,
     "meta": 0,
     "fileio": 0,
     "runtime": 0,

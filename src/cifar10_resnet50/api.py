@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from . import config as config_lib
-from .config import Config, LrFindOptions
+from .config import Config
 from .errors import UserError
+from .options import LrFindOptions
 
 
 def _config(config: Config | str | Path | None, settings: dict[str, Any]) -> Config:

@@ -17,18 +17,11 @@ import sys
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import (
-    AugmentConfig,
-    Config,
-    DataCommandOptions,
-    DataConfig,
-    LrFindOptions,
-    ShowOptions,
-    flags,
-    train_flags,
-)
+from .config import AugmentConfig, Config, DataConfig, train_flags
+from .declare import flags
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, UserError, first_line
 from .evaluation.settings import CompareOptions, EvaluateOptions
+from .options import DataCommandOptions, LrFindOptions, ShowOptions
 from .serving.settings import ExportOptions, ModelOptions, PredictOptions, ServeConfig
 
 S = argparse.SUPPRESS  # only flags the user gives reach the config; defaults live in config.py

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .declare import flags, setting
 from .errors import UserError
 from .meta import IMAGE_SIZE_RANGE
 
@@ -30,14 +31,6 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE = ("auto", "on", "off")
 PROBE_SOLVERS = ("lbfgs", "adamw")
-
-
-def setting(default: Any, flag: str | None = None, help: str = "", **argparse: Any) -> Any:
-    """A settings field and its command-line flag, declared once: the CLI's parsers, their
-    help texts and the README's defaults all derive from these (:func:`flags`). ``argparse``:
-    its keywords (``choices``, ``metavar``, ``required``), or a range the CLI checks
-    (``low``/``high``: value ≥ low, ≤ high; ``above``: value > above)."""
-    return field(default=default, metadata={"flag": flag, "help": help, **argparse})
 
 
 def data_dir_setting() -> Any:
@@ -266,31 +259,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class LrFindOptions:
-    """``lr-find``'s sweep (the run it sweeps is described by the training settings)."""
-
-    steps: int = setting(100, "--steps", "sweep length in steps", low=2)
-    start_lr: float = setting(1e-7, "--start-lr", "the sweep's first lr", above=0)
-    end_lr: float = setting(10.0, "--end-lr", "the sweep's last lr", above=0)
-
-
-@dataclass(frozen=True)
-class DataCommandOptions:
-    """``data``'s own options (which data, where, at what size: :class:`DataConfig`'s)."""
-
-    progress: bool = setting(True, "--no-progress", "no progress bar")
-
-
-@dataclass(frozen=True)
-class ShowOptions:
-    """``data show``'s grid (its augmentation: :class:`AugmentConfig`'s, as train's)."""
-
-    out: str = setting("batch.png", "--out", "PNG to write", metavar="FILE")
-    n: int = setting(32, "--n", "images", low=1, high=256)
-    seed: int = setting(0, "--seed", "the augmentation's randomness", low=0)
-
-
-@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -388,37 +356,6 @@ def override(cfg: Config, dotted: dict[str, Any]) -> Config:
         section, name = key.split(".", 1)
         nested.setdefault(section, {})[name] = value
     return from_dict(nested, cfg)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def flags(kind: type, prefix: str = "") -> list[tuple[str, str, dict[str, Any]]]:
-    """(flag, key, argparse keywords) of each field of ``kind`` declared with a flag; the
-    key is ``prefix`` + the field's name."""
-    defaults, flags = kind(), []
-    for f in dataclasses.fields(kind):
-        extra = dict(f.metadata)
-        flag, text = extra.pop("flag", None), extra.pop("help", "")
-        if not flag:
-            continue
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            kwargs = {"action": "store_false" if default else "store_true", "help": text}
-        else:
-            if default is not None and "default" not in text:
-                text += f" (default {_show(default)})"
-            kwargs = {"help": text, **extra}
-            if "choices" not in extra:
-                annotation = str(f.type)
-                kwargs["type"] = (
-                    int if "int" in annotation else (float if "float" in annotation else str)
-                )
-        flags.append((flag, f"{prefix}{f.name}", kwargs))
-    return flags
 
 
 def train_flags() -> list[tuple[str, str, dict[str, Any]]]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DEVICES, PRECISIONS, data_dir_setting, setting
+from ..config import DEVICES, PRECISIONS, data_dir_setting
+from ..declare import setting
 from ..serving.settings import allow_code_setting
 
 

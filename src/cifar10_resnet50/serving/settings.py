@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DEVICES, setting
+from ..config import DEVICES
+from ..declare import setting
 from ..images import MAX_BYTES, MAX_DECODE_SECONDS, MAX_PIXELS
 
 BACKENDS = ("auto", "torch", "torchscript", "onnx")

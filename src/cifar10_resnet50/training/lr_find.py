@@ -25,10 +25,11 @@ import torch
 
 from .. import data
 from .. import model as model_lib
-from ..config import Config, LrFindOptions, resolve
+from ..config import Config, resolve
 from ..data import augment
 from ..errors import UserError
 from ..fileio import ensure_writable_dir, write_json
+from ..options import LrFindOptions
 from ..runtime import pick_device, pick_precision
 from . import core
 from .trainer import load_data, step_recipe

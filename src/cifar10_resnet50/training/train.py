@@ -20,10 +20,12 @@ position) is saved.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -244,8 +246,9 @@ def _finish(t: Trainer, final_eval: bool, stopped: bool) -> evaluate.EvalReport 
     planned-against-actual."""
     report = None
     if t.process.is_main and not stopped:
-        _calibrate(t)
-        report = _final_evaluation(t) if final_eval else None
+        with _cores_left_by_the_other_ranks(t):
+            _calibrate(t)
+            report = _final_evaluation(t) if final_eval else None
     rows = metrics.read(t.out / metrics.NAME)
     if t.process.is_main and rows and t.cfg.train.strategy != "linear":
         from ..evaluation.plots import training_curves
@@ -254,6 +257,22 @@ def _finish(t: Trainer, final_eval: bool, stopped: bool) -> evaluate.EvalReport 
     if not stopped:
         planning.report(t)
     return report
+
+
+@contextlib.contextmanager
+def _cores_left_by_the_other_ranks(t: Trainer) -> Iterator[None]:
+    """Under torchrun on CPUs each process runs one thread (torchrun sets OMP_NUM_THREADS=1)
+    so that together they use the cores; the final evaluation runs on rank 0 alone once the
+    others have finished, so it takes the cores they leave, unless --threads says otherwise.
+    Measured here (2 ranks, 2 cores, 10,000 test images at 32 px): 22 s on one thread."""
+    own, local = torch.get_num_threads(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if t.device.type == "cpu" and local > 1 and not t.cfg.train.threads:
+        torch.set_num_threads(min(os.cpu_count() or 1, own * local))
+        log.info("final evaluation on rank 0 with %d CPU threads", torch.get_num_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(own)
 
 
 def _calibrate(t: Trainer) -> None:
