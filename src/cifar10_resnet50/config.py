@@ -33,6 +33,11 @@ COMPILE = ("auto", "on", "off")
 PROBE_SOLVERS = ("lbfgs", "adamw")
 
 
+def device_setting(default: str = "auto") -> Any:
+    """``--device``, for every command that runs a model (the choices: :data:`DEVICES`)."""
+    return setting(default, "--device", "auto: cuda if available", choices=DEVICES)
+
+
 def data_dir_setting() -> Any:
     """``--data-dir``, for every command that reads CIFAR-10."""
     return setting(
@@ -217,7 +222,7 @@ class TrainConfig:
         "--image-size (one schedule across them)",
     )
     seed: int = setting(0, "--seed", "fixes split, init, order and augmentation")
-    device: str = setting("auto", "--device", "auto: cuda if available", choices=DEVICES)
+    device: str = device_setting()
     precision: str = setting(
         "auto",
         "--precision",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DEVICES, PRECISIONS, data_dir_setting
+from ..config import PRECISIONS, data_dir_setting, device_setting
 from ..declare import setting
 from ..serving.settings import allow_code_setting
 
@@ -43,7 +43,7 @@ class EvaluateOptions:
     )
     seed: int = setting(0, "--seed", "corruptions' randomness")
     allow_code: bool = allow_code_setting()
-    device: str = setting("auto", "--device", "auto: cuda if available", choices=DEVICES)
+    device: str = device_setting()
     precision: str = setting(
         "auto",
         "--precision",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DEVICES
+from ..config import device_setting
 from ..declare import setting
 from ..images import MAX_BYTES, MAX_DECODE_SECONDS, MAX_PIXELS
 
@@ -33,7 +33,7 @@ class ModelOptions:
     """How a model file is loaded and run (``inference.load``): predict and serve."""
 
     backend: str = setting("auto", "--backend", "by file type unless given", choices=BACKENDS)
-    device: str = setting("cpu", "--device", "auto: cuda if available", choices=DEVICES)
+    device: str = device_setting("cpu")
     precision: str = setting(
         "fp32",
         "--precision",
