@@ -2,7 +2,10 @@
 records, per rank, the weights at each save and the loss of each step.
 
 Usage: torchrun --nproc-per-node N tests/dist_worker.py OUT DATA_ROOT BATCH [--sync-bn]
-       [--stop-after STEPS]
+       [--stop-after STEPS] [--nan-at STEP] [--budget DURATION]
+
+``--budget`` plans the run with rank 1's clock running 3× as fast as rank 0's (so each rank
+measures different times) and records each rank's plan.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,8 +39,15 @@ def main() -> None:
     if "--nan-at" in sys.argv and rank == 1:
         nan_at = int(sys.argv[sys.argv.index("--nan-at") + 1])
 
+    budget = sys.argv[sys.argv.index("--budget") + 1] if "--budget" in sys.argv else None
+
     class Recorder(Callback):
         def step_end(self, trainer, state, out):
+            if not losses and budget:  # the plan this rank follows
+                plan = {"epochs": trainer.cfg.train.epochs, "steps": trainer.steps_per_epoch}
+                (out_dir.parent / f"{out_dir.name}.rank{rank}.plan.json").write_text(
+                    json.dumps(plan)
+                )
             losses.append(float(out.loss))
             if nan_at is not None and len(losses) == nan_at:
                 out.loss = out.loss * float("nan")
@@ -64,10 +75,16 @@ def main() -> None:
             "optim.optimizer": "adamw",
             "optim.lr": 1e-3,
             "train.out": str(out_dir),
+            **({"train.budget": budget, "train.epochs": None} if budget else {}),
         },
     )
+    start = time.perf_counter()
+    clock = lambda: start + (1 + 2 * rank) * (time.perf_counter() - start)  # noqa: E731
     try:
-        train.run(cfg, final_eval=False, stop_after_steps=stop_after, callbacks=[Recorder()])
+        train.run(
+            cfg, final_eval=False, stop_after_steps=stop_after, callbacks=[Recorder()],
+            clock=clock if budget else time.perf_counter,
+        )  # fmt: skip
     except Exception as e:  # what the CLI would print, as one line
         print(f"rank {rank} error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -128,3 +128,84 @@ def test_foreign_and_future_checkpoints_are_rejected(tmp_path):
         checkpoint.load(path)
     with pytest.raises(UserError, match="not found"):
         checkpoint.load(tmp_path / "missing.pt")
+
+
+class _Optimization:
+    """What ``Saver`` needs of ``core.Optimization``: ``state_dict()`` by name."""
+
+    def __init__(self, net):
+        self.optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": {}, "scaler": {}}
+
+
+def _saver(tmp_path):
+    meta = M.model_meta("none", 32, CIFAR10_CLASSES, 32)
+    return checkpoint.Saver(tmp_path, meta, {"x": 1}, is_main=True, world_size=1)
+
+
+def test_saving_writes_on_a_thread_a_snapshot_that_training_cannot_change(tmp_path, monkeypatch):
+    """An epoch's end hands last.pt and best.pt to a writer thread and goes on training; what
+    lands on disk is the state at the save, not what training made of it since."""
+    import threading
+
+    net = M.build("none", 32, 10)
+    opt = _Optimization(net)
+    net(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)).sum().backward()
+    opt.optimizer.step()  # a momentum buffer, which training keeps changing in place
+    saved_fc = net.net.fc.weight.detach().clone()
+    saved_momentum = opt.optimizer.state[net.net.fc.weight]["momentum_buffer"].clone()
+    release, real_save = threading.Event(), checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda *a: (release.wait(30), real_save(*a)))
+    saver = _saver(tmp_path)
+    saver.save_last(net, opt, checkpoint.RunState(epoch=1, step=4), best_row={"epoch": 1})
+    assert not saver.last.exists()  # the call returned while the write is held back
+    with torch.no_grad():  # the next steps change the weights and the momentum in place
+        net.net.fc.weight.add_(1.0)
+        opt.optimizer.state[net.net.fc.weight]["momentum_buffer"].add_(1.0)
+    release.set()
+    saver.wait()
+    last = checkpoint.load(saver.last)
+    assert torch.equal(last["model"]["net.fc.weight"], saved_fc)
+    momentum = last["train_state"]["optimizer"]["state"]
+    assert any(torch.equal(s["momentum_buffer"], saved_momentum) for s in momentum.values())
+    assert last["train_state"]["step"] == 4 and set(last["train_state"]["rng"]) == {"torch"}
+    best = checkpoint.load(saver.best)
+    assert torch.equal(best["model"]["net.fc.weight"], saved_fc) and best["metrics"]["epoch"] == 1
+
+
+def test_a_failed_background_write_is_raised_by_the_next_wait(tmp_path, monkeypatch):
+    net = M.build("none", 32, 10)
+    saver = _saver(tmp_path)
+
+    def full_disk(path, payload):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    saver.save_last(net, _Optimization(net), checkpoint.RunState())
+    with pytest.raises(OSError, match="No space left"):
+        saver.wait()
+    saver.wait()  # raised once, then clear
+
+
+def test_resume_ignores_cuda_generator_states_saved_by_more_gpus(tmp_path, monkeypatch):
+    """Older last.pt files hold one CUDA generator state per visible GPU; restoring them failed
+    with fewer GPUs. Training draws no random numbers from them, so they are not used."""
+    net = M.build("none", 32, 10)
+    opt = _Optimization(net)
+    saver = _saver(tmp_path)
+    saver.save_last(net, opt, checkpoint.RunState(epoch=2, batch=3, step=7))
+    saver.wait()
+    saved = checkpoint.load(saver.last)
+    saved["train_state"]["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # 8 GPUs then
+    refuse = lambda *a: pytest.fail("a CUDA generator state was restored")  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", refuse)
+
+    class _Restorable(_Optimization):
+        def load_state_dict(self, states):
+            self.optimizer.load_state_dict(states["optimizer"])
+
+    state = saver.restore(saved, M.build("none", 32, 10), _Restorable(net))
+    assert (state.epoch, state.batch, state.step) == (2, 3, 7)

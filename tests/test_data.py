@@ -323,6 +323,20 @@ def test_train_batches_resume_midway_reproduces_the_rest():
     assert not torch.equal(full[0][2], other_epoch[0][2])
 
 
+def test_training_rows_picked_per_batch_equal_a_copied_split():
+    """Training indexes its split's rows per batch (no copy of the split in memory); the
+    batches, crops and mixes are those of the copied split, bit for bit."""
+    x = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(100) % 10
+    rows = torch.randperm(100, generator=torch.Generator().manual_seed(3))[:70]
+    kw = dict(batch_size=16, seed=1, epoch=2, mixup=0.4, num_classes=10)
+    copied = list(augment.train_batches(x[rows], y[rows], **kw))
+    picked = list(augment.train_batches(x, y, rows=rows, **kw))
+    assert len(picked) == len(copied) == 4
+    for a, b in zip(copied, picked, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a[1:], b[1:], strict=True))
+
+
 def test_ranks_take_disjoint_shards_of_one_order():
     x = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
     y = torch.arange(64)

@@ -161,6 +161,18 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_without_saving(synthetic
     assert not (out / "last.pt").exists()  # nothing saved from a diverged state
 
 
+def test_ranks_that_measure_different_times_still_plan_the_same_budget(synthetic_root, tmp_path):
+    """--budget's plan depends on timings; rank 1's clock runs 3× as fast, so alone the ranks
+    would plan different epochs and steps (and a rank would skip collectives the other runs:
+    a hang). Every timing is agreed first: both follow one plan."""
+    out = tmp_path / "run"
+    args = (WORKER, str(out), str(synthetic_root), "16", "--budget", "2h", "--stop-after", "1")
+    done = _run(torchrun(*args))
+    assert done.returncode == 0, done.stderr[-3000:]
+    plans = [json.loads((tmp_path / f"run.rank{r}.plan.json").read_text()) for r in (0, 1)]
+    assert plans[0] == plans[1] and plans[0]["epochs"] > 1, plans
+
+
 def test_resume_with_another_process_count_is_refused(synthetic_root, tmp_path):
     out = tmp_path / "run"
     done = _run(torchrun(WORKER, str(out), str(synthetic_root), "16", "--stop-after", "1"))
@@ -185,3 +197,68 @@ def test_global_batches_are_sliced_from_one_augmented_batch(world):
         assert torch.equal(xb, torch.cat([p[i][1] for p in parts]))
         assert torch.equal(yb, torch.cat([p[i][2] for p in parts]))
         assert torch.equal(tb, torch.cat([p[i][3] for p in parts]))
+
+
+def _two_fake_gpus(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_a_local_rank_beyond_the_visible_gpus_is_a_one_line_error(monkeypatch):
+    from cifar10_resnet50.errors import UserError
+    from cifar10_resnet50.runtime import pick_device
+
+    _two_fake_gpus(monkeypatch)
+    assert pick_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="LOCAL_RANK 2 but 2 GPU.*--nproc-per-node 2.*=gloo"):
+        pick_device("cuda", local_rank=2)
+    # Sharing is allowed only when asked for (gloo): rank 2 then shares GPU 0.
+    assert pick_device("cuda", local_rank=2, shared_gpu=True) == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [(None, "cuda", "nccl"), (None, "cpu", "gloo"), ("gloo", "cuda", "gloo"), ("GLOO", "cpu", "gloo"),
+     ("mpi", "cuda", "must be one of nccl, gloo"), ("nccl", "cpu", "nccl needs CUDA GPUs")],
+)  # fmt: skip
+def test_the_backend_follows_the_device_unless_the_variable_says(
+    monkeypatch, setting, device, expected
+):
+    from cifar10_resnet50.errors import UserError
+    from cifar10_resnet50.runtime import BACKEND_VARIABLE, dist_backend
+
+    if setting is None:
+        monkeypatch.delenv(BACKEND_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_VARIABLE, setting)
+    if expected in ("nccl", "gloo"):
+        assert dist_backend(device) == expected
+    else:
+        with pytest.raises(UserError, match=expected):
+            dist_backend(device)
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_torchrun_processes_bind_their_own_gpu_or_share_one_under_gloo(monkeypatch, backend):
+    """Under NCCL each process takes GPU LOCAL_RANK and tells init_process_group (device_id);
+    with CIFAR10_DIST_BACKEND=gloo, 3 processes share 2 GPUs (DDP/SyncBN on a small machine)."""
+    from cifar10_resnet50.runtime import BACKEND_VARIABLE, Process
+
+    _two_fake_gpus(monkeypatch)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.update(set_device=d))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda b, **kw: calls.update(backend=b, **kw)
+    )
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2" if backend == "gloo" else "1")
+    monkeypatch.setenv(BACKEND_VARIABLE, backend)
+    process = Process.from_env("cuda")
+    assert process.backend == calls["backend"] == backend
+    if backend == "nccl":
+        assert calls["set_device"] == calls["device_id"] == torch.device("cuda", 1)
+    else:
+        assert calls["set_device"] == torch.device("cuda", 0) and calls["device_id"] is None
+        assert process.device("cuda") == torch.device("cuda", 0)

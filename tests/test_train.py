@@ -28,8 +28,8 @@ def tiny(root, out, **changes):
         "train.out": str(out),
         "train.progress": False,
         "train.eval_batch_size": 50,
-        # TensorBoard's figures cost ~1 s an epoch here; its events are tested on the API's
-        # run (test_notebook), so these runs go without.
+        # TensorBoard's figures cost ~1 s here (at the last epoch); its events are tested on
+        # the API's run (test_notebook), so these runs go without.
         "train.tensorboard": False,
     }
     settings.update(changes)
@@ -103,6 +103,34 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoints(synthetic_root, 
     assert "train_state" not in best  # model only: small, and not something to resume from
     assert _state(result.last)["train_state"]["best_val_acc"] == best["metrics"]["val_acc"]
     assert best["config"] == saved and best["model_meta"]["weights"].startswith("none")
+
+
+def test_each_epoch_records_where_its_time_went_and_the_run_its_whole_img_per_s(
+    synthetic_root, tmp_path, caplog
+):
+    """metrics.jsonl splits each epoch's seconds into train / validate / save / other, so
+    time outside the training loop shows; the log gives the whole run's img/s beside the
+    loop's. A callback that spends 0.3 s per epoch lands in "other"."""
+    import time
+
+    class Slow(Callback):
+        def epoch_end(self, trainer, state, row, val_logits):
+            time.sleep(0.3)
+
+    caplog.set_level("INFO", logger="cifar10_resnet50")
+    cfg = tiny(synthetic_root, tmp_path / "r", **{"data.subset": 32})
+    train.run(cfg, final_eval=False, callbacks=[Slow()])
+    rows = [
+        json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
+    for row in rows:
+        split = row["time"]
+        assert set(split) == {"train", "validate", "save", "other"}
+        assert split["train"] == pytest.approx(row["seconds"], abs=0.01)
+        assert split["other"] >= 0.3 and split["validate"] > 0 and split["save"] > 0
+        assert row["images"] == 32  # 2 steps of 16
+    whole = [r.getMessage() for r in caplog.records if "over the whole run" in r.getMessage()]
+    assert len(whole) == 1 and whole[0].startswith("2 epoch(s): "), whole
 
 
 def test_existing_run_is_not_overwritten_without_resume(synthetic_root, tmp_path):

@@ -495,9 +495,10 @@ def default_image_size(device_type: str) -> int:
     return 160 if device_type == "cuda" else 64
 
 
-def resolve(cfg: Config, device_type: str, world_size: int = 1) -> Config:
+def resolve(cfg: Config, device_type: str, world_size: int = 1, gpu_batch: int = 512) -> Config:
     """Fill every "auto" (None) field for ``device_type`` ("cuda" or "cpu") and the number
-    of processes (the learning rate follows the global batch)."""
+    of processes (the learning rate follows the global batch). ``gpu_batch``: the default
+    batch on a GPU (smaller where the card's memory needs it: ``runtime.gpu_default_batch``)."""
     gpu = device_type == "cuda"
     sgd = cfg.optim.optimizer == "sgd"
     size = cfg.model.image_size or default_image_size(device_type)
@@ -505,7 +506,7 @@ def resolve(cfg: Config, device_type: str, world_size: int = 1) -> Config:
     data = cfg.data
     if data.source != "cifar10" and data.store_size is None:
         data = dataclasses.replace(data, store_size=model.image_size)
-    batch = cfg.train.batch_size or (512 if gpu else 128)
+    batch = cfg.train.batch_size or (gpu_batch if gpu else 128)
     optim = dataclasses.replace(
         cfg.optim,
         lr=cfg.optim.lr

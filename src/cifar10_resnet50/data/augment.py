@@ -122,10 +122,18 @@ def train_batches(
     rank: int = 0,
     world_size: int = 1,
     steps: int | None = None,
+    rows: torch.Tensor | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(batch_index, images, labels, targets)`` for one epoch, from batch ``start`` on.
+    ``rows``: the images of ``x`` to train on (int64 on ``x``'s device; default all), picked
+    per batch so the training split needs no copy of its own: the batches equal those of
+    ``x[rows]``.
 
-    ``x``: uint8 [N,3,S,S] on the training device; ``targets`` are the labels, or soft
+    ``x``: uint8 [N,3,S,S] on the training ``device`` (default: ``x``'s), or in pinned host
+    memory when the images do not fit on the GPU: each batch is then gathered on the host and
+    copied asynchronously, and augmented on the device as before (the same random numbers,
+    drawn there). ``targets`` are the labels, or soft
     labels float [B,C] with mixup/CutMix. The last incomplete batch is dropped (a BatchNorm
     batch of 1 is undefined).
 
@@ -137,21 +145,29 @@ def train_batches(
     ``steps`` ends the epoch early (``--steps-per-epoch``): its batches are then a random
     sample of the images, a different one each epoch.
     """
-    order = epoch_order(len(x), seed, epoch).to(x.device)
-    full = steps_per_epoch(len(x), batch_size, world_size)
+    n = len(x) if rows is None else len(rows)
+    order = epoch_order(n, seed, epoch).to(x.device)
+    if rows is not None:
+        order = rows[order]
+    full = steps_per_epoch(n, batch_size, world_size)
     steps = full if steps is None else min(steps, full)  # fewer: the epoch's first batches
     global_batch = batch_size * world_size
     pad = scaled_padding(padding, x.shape[-1])
+    device = x.device if device is None else device
+    streamed = device != x.device
     for i in range(start, steps):
         idx = order[i * global_batch : (i + 1) * global_batch]
         key = batch_seed(seed, epoch, i)
-        gen = torch.Generator(device=x.device).manual_seed(key)
-        xb = random_crop_flip(x[idx], gen, pad, flip)  # uint8 [B×W,3,S,S]
-        yb = y[idx]
+        gen = torch.Generator(device=device).manual_seed(key)
+        xb, yb = x[idx], y[idx]  # uint8 [B×W,3,S,S], int64 [B×W]
+        if streamed:  # host → device; pinned, so the copy overlaps the device's work
+            xb = xb.pin_memory().to(device, non_blocking=True)
+            yb = yb.pin_memory().to(device, non_blocking=True)
+        xb = random_crop_flip(xb, gen, pad, flip)
         target = yb
         if mixup > 0 or cutmix > 0:
             assert num_classes is not None, "mixup/CutMix need num_classes"
-            mix_gen = torch.Generator(device=x.device).manual_seed(key + 1)
+            mix_gen = torch.Generator(device=device).manual_seed(key + 1)
             xb, target = mix_batch(xb, yb, num_classes, key, mix_gen, mixup, cutmix)
         mine = slice(rank * batch_size, (rank + 1) * batch_size)
         yield i, xb[mine], yb[mine], target[mine]

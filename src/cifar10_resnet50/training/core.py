@@ -178,12 +178,15 @@ def undone(model: torch.nn.Module, opt: Optimization) -> Iterator[None]:
 class Batches:
     """The training images on the device and how each epoch's batches are drawn from them.
 
-    ``x``: uint8 [N,3,S,S] on the training device (S the stored size); ``y``: int64 [N]. All
+    ``x``: uint8 [N,3,S,S] on the training device (S the stored size); ``y``: int64 [N];
+    ``rows``: which of them are the training split (int64 on the device), indexed per batch:
+    no copy of the split (on a CPU that copy doubled the host memory the images take). All
     randomness is keyed by (seed, epoch, batch), so any epoch can be replayed from any batch
     (exact resume) and every caller of :meth:`epoch` sees the same augmented batches."""
 
     x: torch.Tensor
     y: torch.Tensor
+    rows: torch.Tensor
     batch_size: int  # per process
     seed: int
     augment: AugmentConfig
@@ -191,6 +194,7 @@ class Batches:
     rank: int = 0
     world_size: int = 1
     steps: int | None = None  # per epoch; None: one full pass
+    device: torch.device | None = None  # the training device when x stays in host memory
 
     def epoch(
         self, epoch: int, start: int = 0
@@ -202,7 +206,7 @@ class Batches:
             self.x, self.y, batch_size=self.batch_size, seed=self.seed, epoch=epoch,
             start=start, padding=a.crop_padding, flip=a.flip, mixup=a.mixup, cutmix=a.cutmix,
             num_classes=self.num_classes, rank=self.rank, world_size=self.world_size,
-            steps=self.steps,
+            steps=self.steps, rows=self.rows, device=self.device,
         )  # fmt: skip
 
     def endless(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

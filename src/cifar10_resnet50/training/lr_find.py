@@ -157,7 +157,7 @@ def run(
     if augment.steps_per_epoch(len(train_idx), t.batch_size) == 0:
         raise UserError(f"{len(train_idx)} images make no batch of {t.batch_size}")
     batches = core.Batches(
-        arrays.train_x[train_idx].to(device), arrays.train_y[train_idx].to(device),
+        arrays.train_x.to(device), arrays.train_y.to(device), train_idx.to(device),
         batch_size=t.batch_size, seed=t.seed, augment=cfg.augment,
         num_classes=len(arrays.classes),
     )  # fmt: skip

@@ -33,9 +33,8 @@ from ..data import augment
 from ..errors import UserError
 from ..fileio import save_torch, write_json
 from . import budget, core
-from .board import Board
-from .compile_policy import CompilePolicy
-from .trainer import Trainer, model_meta
+from .compile_policy import COMPILE_COST_S, graphs
+from .trainer import Trainer, compile_policy, model_meta, run_work
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def time_steps(t: Trainer, size: int, frozen: bool, deadline: float, timed: int 
     """Seconds per optimizer step at ``size`` px: the run's own steps, timed after one
     warm-up step, then undone. As many timed steps as the warm-up step's time says fit
     before ``deadline`` (at least 1, at most ``timed``), the same number on every rank."""
-    forward = t.prepare(frozen)
+    forward = t.prepare(frozen, eager=True)  # timing never compiles, whatever --compile says
     batches = t.batches.endless()
     with core.undone(t.model, t.opt), core.at_size(t.model, size):
         xb, target = next(batches)
@@ -91,14 +90,11 @@ def time_eval(
 
 
 def time_save(t: Trainer) -> float:
-    """An epoch's bookkeeping, timed for real: last.pt (weights + the optimizer's state: SGD
-    one copy more, AdamW two), best.pt (the weights), written atomically with fsync, and the
-    TensorBoard figures (confusion matrix, image grid), each once into throwaway files. On a
-    2-core CPU these took ~1.3 s per epoch: small against real epochs, not against a
-    30-second budget's."""
-    import shutil
-    import tempfile
-
+    """An epoch's checkpoints, timed for real: last.pt (weights + the optimizer's state: SGD
+    one copy more, AdamW two) and best.pt (the weights), written atomically with fsync, each
+    once into a throwaway file. They are written on a thread while the next epoch trains, but
+    on a CPU that thread takes cores from training, so the whole write is counted (~1 s per
+    epoch on 2 cores: small against real epochs, not against a 30-second budget's)."""
     seconds = 0.0
     if t.process.is_main:
         state = t.model.state_dict()
@@ -110,18 +106,6 @@ def time_save(t: Trainer) -> float:
         save_torch({"model": state}, probe)  # best.pt's, written in about half the epochs
         seconds = (t1 - t0) + (t.clock() - t1) / 2
         probe.unlink(missing_ok=True)
-        val_x, val_y = t.split.val_x, t.split.val_y
-        if t.cfg.train.tensorboard and len(val_x):
-            folder = Path(tempfile.mkdtemp(prefix="budget-board-"))
-            board = Board(folder)
-            n = min(len(val_x), t.cfg.train.eval_batch_size)
-            logits = torch.zeros(n, t.meta["num_classes"])
-            board.predictions(0, val_x[:n], logits, val_y[:n], t.meta["classes"])
-            t0 = t.clock()  # the second call: the first pays matplotlib's set-up
-            board.predictions(1, val_x[:n], logits, val_y[:n], t.meta["classes"])
-            seconds += t.clock() - t0
-            board.close()
-            shutil.rmtree(folder, ignore_errors=True)
     return t.mean_over_ranks(seconds)
 
 
@@ -199,23 +183,43 @@ def plan_budget(t: Trainer, auto_size: bool, final_eval: bool) -> None:
     def elapsed() -> float:
         return t.mean_over_ranks(t.clock() - t.started)
 
+    first = None
     with contextlib.suppress(UserError):  # (the error, if any, comes next with the right set-up)
-        budget.plan(budget_s, elapsed(), shape, timings, sizes)  # times what the plan needs
-    # Again with the timing steps' own time counted: the timings are measured by now.
-    plan = budget.plan(budget_s, elapsed(), shape, timings, sizes)
+        first = budget.plan(budget_s, elapsed(), shape, timings, sizes)  # times what it needs
+    # Again with the timing steps' own time counted: the timings are measured by now; and
+    # with --compile on, one compile per graph of the first plan's epochs.
+    compiling = _compile_s(t, first) if tc.compile == "on" and first else 0.0
+    plan = budget.plan(budget_s, elapsed() + compiling, shape, timings, sizes)
     if tc.strategy == "gradual" and plan.epochs <= tc.freeze_epochs:
         raise UserError(
             f"--budget {tc.budget} leaves {plan.epochs} epoch(s), not one more than "
             f"--freeze-epochs {tc.freeze_epochs}; raise the budget or lower --freeze-epochs"
         )
     log.info("%s", plan.describe())
-    # `--compile auto` stays eager: a compile's cost (65 s on an H100) is not plannable.
+    # `--compile auto` stays eager: whether a compile repays its cost is known only after
+    # timing eager steps, too late for a plan that already counts every second.
     _apply(t, plan.image_size, {"budget": tc.budget, **dataclasses.asdict(plan), "eta_s": plan.eta_s},
            epochs=plan.epochs, steps_per_epoch=plan.steps_per_epoch,
            compile="off" if tc.compile == "auto" else tc.compile)  # fmt: skip
     t.opt.rescheduled(t.cfg.optim, plan.epochs * plan.steps_per_epoch)
     t.batches = dataclasses.replace(t.batches, steps=plan.steps_per_epoch)
     t.plan = plan
+
+
+def _compile_s(t: Trainer, plan: budget.Plan) -> float:
+    """``--compile on`` under ``--budget``: one compile per graph the planned epochs need."""
+    planned = dataclasses.replace(
+        t.cfg,
+        model=dataclasses.replace(t.cfg.model, image_size=plan.image_size),
+        train=dataclasses.replace(t.cfg.train, epochs=plan.epochs),
+    )
+    n = graphs(run_work(planned, plan.steps_per_epoch))
+    log.info(
+        "budget: --compile on, %d graph(s) at ~%.0f s each counted",
+        n,
+        COMPILE_COST_S[t.device.type],
+    )
+    return n * COMPILE_COST_S[t.device.type]
 
 
 def plan_probe_budget(t: Trainer, auto_size: bool) -> None:
@@ -253,7 +257,7 @@ def _apply(t: Trainer, image_size: int, plan: dict[str, Any], **train_changes: A
     )
     t.model.preprocess.image_size = image_size
     t.meta = t.saver.meta = model_meta(cfg, t.split.arrays)
-    t.compile = CompilePolicy.from_setting(cfg.train.compile, t.device.type)
+    t.compile = compile_policy(cfg, t.device.type, cfg.train.steps_per_epoch or t.steps_per_epoch)
     t.set_config(cfg)
     if t.process.is_main:
         write_json(t.out / "plan.json", plan)

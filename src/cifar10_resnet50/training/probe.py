@@ -357,9 +357,8 @@ def fit(t: Trainer, state: RunState) -> None:
     )  # fmt: skip
     state.epoch, state.best_val_acc = cfg.train.epochs, head.val_acc
     metrics.append(t.out, row)
-    t.saver.save_last(t.model, t.opt, state)
-    if has_val:
-        t.saver.save_best(t.model, row)
+    t.saver.save_last(t.model, t.opt, state, best_row=row if has_val else None)
+    t.saver.wait()
 
 
 def _row(t: Trainer, head: Head, seconds: float, fit_seconds: float, cached: bool) -> dict:

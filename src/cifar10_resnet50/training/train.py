@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint
-from ..config import Config, resolve
+from .. import checkpoint, runtime
+from ..config import Config, default_image_size, resolve
 from ..data import cifar10
 from ..errors import UserError
 from ..evaluation import evaluate
@@ -156,8 +156,8 @@ def _already_finished(out: Path, saved_state: dict[str, Any]) -> TrainResult:
 
 def _settings(cfg: Config, resume: bool, process: Process) -> tuple[Config, Path, dict | None]:
     """Resolved settings, run folder and the saved ``last.pt`` (when resuming)."""
-    device = pick_device(cfg.train.device, process.local_rank)
-    cfg = resolve(cfg, device.type, process.world_size)
+    device = process.device(cfg.train.device)
+    cfg = resolve(cfg, device.type, process.world_size, gpu_batch=_gpu_batch(cfg, device, process))
     out = Path(cfg.train.out) if cfg.train.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if process.distributed and not cfg.train.out:
         # Every rank must agree on the folder; the minute may differ between them.
@@ -182,6 +182,18 @@ def _settings(cfg: Config, resume: bool, process: Process) -> tuple[Config, Path
     for key in check_resume_config(saved["config"], cfg):
         log.info("resume: %s changed from the saved run", key)
     return cfg, out, saved
+
+
+def _gpu_batch(cfg: Config, device: torch.device, process: Process) -> int:
+    """The default batch for this GPU when ``--batch-size`` is not given: what fits the
+    card with the least free memory of the job (every rank must use one batch)."""
+    if device.type != "cuda" or cfg.train.batch_size is not None:
+        return runtime.GPU_BATCHES[0]
+    size = cfg.model.image_size or default_image_size("cuda")
+    batch = process.least(runtime.gpu_default_batch(device, size), device)
+    if batch < runtime.GPU_BATCHES[0]:
+        log.info("batch %d per process: what fits this GPU's free memory at %d px", batch, size)
+    return batch
 
 
 def _start(
@@ -223,7 +235,7 @@ def _describe(t: Trainer) -> str:
     """The run in one line, as it will go: the probe has no epochs or steps to show."""
     tc = t.cfg.train
     precision = str(t.amp_dtype).replace("torch.", "") if t.amp_dtype else "fp32"
-    images = f"{len(t.batches.x)} train / {len(t.split.val_x) * t.process.world_size} val images"
+    images = f"{len(t.batches.rows)} train / {len(t.split.val_x) * t.process.world_size} val images"
     if tc.strategy == "linear":
         return (
             f"linear probe of resnet50 on {t.device} ({precision}), {t.cfg.model.image_size} px: "

@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint, data
+from .. import checkpoint, data, runtime
 from .. import model as model_lib
 from ..config import Config
 from ..data import augment
 from ..errors import UserError
 from ..evaluation import evaluate
 from ..fileio import remove_stale_temps, write_json
-from ..runtime import Process, convert_sync_bn, pick_device, pick_precision
+from ..runtime import Process, convert_sync_bn, pick_precision
 from . import budget, core
-from .compile_policy import CompilePolicy
+from .compile_policy import CompilePolicy, Work
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,20 @@ class Trainer:
         target, t = self.cfg.model.image_size, self.cfg.train
         return budget.progressive_sizes(target, t.epochs)[epoch] if t.progressive else target
 
-    def prepare(self, frozen: bool) -> torch.nn.Module:
+    def work(self, epoch: int = 0, batch: int = 0) -> list[Work]:
+        """The steps left from (``epoch``, ``batch``), by epoch: what compiling would cover."""
+        return run_work(self.cfg, self.steps_per_epoch, epoch, batch)
+
+    def prepare(self, frozen: bool, *, eager: bool = False) -> torch.nn.Module:
         """Freeze or thaw the backbone, set train mode and return the module to step: the
-        wrapped model is rebuilt when the backbone's state or the compile policy changed."""
+        wrapped model is rebuilt when the backbone's state or the compile policy changed.
+        ``eager``: a module that never compiles, whatever the policy (--budget's timing)."""
         core.set_frozen(self.model, frozen)
+        if eager:
+            return core.wrapped(
+                self.model, distributed=self.process.distributed, device=self.device,
+                compiled=False,
+            )  # fmt: skip
         if self.forward is None or self.frozen != frozen or self.compile.changed:
             self.forward = core.wrapped(
                 self.model, distributed=self.process.distributed, device=self.device,
@@ -106,6 +116,35 @@ class Trainer:
         self.saver.config = cfg.to_dict()
         if self.process.is_main:
             write_json(self.out / "config.json", cfg.to_dict())
+
+
+def run_work(cfg: Config, steps: int, epoch: int = 0, batch: int = 0) -> list[Work]:
+    """Each epoch's steps from (``epoch``, ``batch``) on, with its resolution (``--progressive``)
+    and backbone state (``--strategy gradual``); none before ``--budget`` has planned them."""
+    t = cfg.train
+    if t.epochs is None or cfg.model.image_size is None:
+        return []
+    sizes = (
+        budget.progressive_sizes(cfg.model.image_size, t.epochs)
+        if t.progressive
+        else [cfg.model.image_size] * t.epochs
+    )
+    return [
+        Work(
+            sizes[e],
+            core.frozen_at(t.strategy, e, t.freeze_epochs),
+            steps - (batch if e == epoch else 0),
+        )
+        for e in range(epoch, t.epochs)
+    ]
+
+
+def compile_policy(cfg: Config, device_type: str, steps: int) -> CompilePolicy:
+    """The run's ``--compile`` policy, for the graphs its epochs need."""
+    t = cfg.train
+    return CompilePolicy.from_setting(
+        t.compile, device_type, run_work(cfg, steps), sync_bn=t.sync_bn
+    )
 
 
 def load_data(cfg: Config, progress: bool) -> data.Arrays:
@@ -150,7 +189,7 @@ def build(
     """Model, data on the device, optimizer, schedule, run folder. Rank 0 downloads the
     weights and the data first; the others wait for it, then read its files."""
     t = cfg.train
-    device = pick_device(t.device, process.local_rank)
+    device = process.device(t.device)
     data.check(cfg.data.source, cfg.data.data_dir)
     torch.manual_seed(t.seed)
     # The weights first: without a network they fail in seconds, before any data work.
@@ -164,7 +203,7 @@ def build(
     steps = steps_per_epoch(cfg, len(train_idx), process.world_size)
     shard = val_idx[process.rank :: process.world_size]
     if t.sync_bn and process.distributed:
-        model = convert_sync_bn(model, device.type)
+        model = convert_sync_bn(model, process.backend)
     model = model.to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -185,18 +224,34 @@ def build(
         cfg=cfg, process=process, device=device, amp_dtype=amp_dtype, out=out, meta=meta,
         model=model, opt=opt, recipe=step_recipe(cfg, device, amp_dtype, after_step),
         batches=core.Batches(
-            arrays.train_x[train_idx].to(device), arrays.train_y[train_idx].to(device),
+            *_training_images(arrays, train_idx, device, t.batch_size, cfg.model.image_size),
             batch_size=t.batch_size, seed=t.seed, augment=cfg.augment,
             num_classes=len(arrays.classes), rank=process.rank,
-            world_size=process.world_size, steps=steps,
+            world_size=process.world_size, steps=steps, device=device,
         ),
         split=split,
         saver=checkpoint.Saver(
             out, meta, cfg.to_dict(), is_main=process.is_main, world_size=process.world_size
         ),
-        compile=CompilePolicy.from_setting(t.compile, device.type),
+        compile=compile_policy(cfg, device.type, steps),
         clock=clock, started=started,
     )  # fmt: skip
+
+
+def _training_images(
+    arrays: data.Arrays, rows: torch.Tensor, device: torch.device, batch: int, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, training rows) where training draws batches from: on the device when
+    they fit beside a step (moved whole, no host copy first), else in pinned host memory."""
+    x, y = arrays.train_x, arrays.train_y
+    if runtime.images_fit_on(device, x.nbytes, batch, image_size):
+        return x.to(device), y.to(device), rows.to(device)
+    log.warning(
+        "the training images (%.1f GiB) do not fit on the GPU beside a step: they stay in "
+        "pinned host memory and each batch is copied (slower; a smaller --store-size fits)",
+        x.nbytes / 2**30,
+    )
+    return x.pin_memory(), y.pin_memory(), rows
 
 
 def step_recipe(
