@@ -18,10 +18,9 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from train_versions import ROOT, worktree
+from train_versions import worktrees
 
 CHILD = """
 import json, sys, tempfile, time
@@ -71,22 +70,14 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        trees = {}
-        for i, rev in enumerate((args.before, args.after)):
-            trees[rev] = ROOT / "src" if rev == "." else worktree(rev, Path(tmp) / f"v{i}")
-        try:
-            results: dict[str, list[dict]] = {rev: [] for rev in trees}
-            for i in range(args.repeats):
-                for rev, src in trees.items():
-                    r = run_once(src, args)
-                    results[rev].append(r)
-                    print(f"repeat {i + 1}: {rev} fit {r['fit_s']:.1f} s, training loop "
-                          f"{r['train_s']:.1f} s, split {r['split']}", file=sys.stderr)  # fmt: skip
-        finally:
-            for i in range(2):
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                                str(Path(tmp) / f"v{i}")], capture_output=True)  # fmt: skip
+    with worktrees((args.before, args.after)) as trees:
+        results: dict[str, list[dict]] = {rev: [] for rev in trees}
+        for i in range(args.repeats):
+            for rev, src in trees.items():
+                r = run_once(src, args)
+                results[rev].append(r)
+                print(f"repeat {i + 1}: {rev} fit {r['fit_s']:.1f} s, training loop "
+                      f"{r['train_s']:.1f} s, split {r['split']}", file=sys.stderr)  # fmt: skip
     print("| version | fit s (median) | training loop s | outside the loop, s per epoch | share |")
     print("|---|---:|---:|---:|---:|")
     for rev, runs in results.items():

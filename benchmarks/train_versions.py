@@ -13,11 +13,13 @@ and their ratio as a Markdown row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,25 @@ def worktree(rev: str, into: Path) -> Path:
     return into / "src"
 
 
+@contextlib.contextmanager
+def worktrees(revs: tuple[str, ...]) -> Iterator[dict[str, Path]]:
+    """``{rev: its src folder}``, each revision checked out into a temporary worktree (``.``:
+    this working tree as it is), removed afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {}
+        try:
+            for i, rev in enumerate(revs):
+                trees[rev] = ROOT / "src" if rev == "." else worktree(rev, Path(tmp) / f"v{i}")
+            yield trees
+        finally:
+            for i, rev in enumerate(revs):
+                if rev != ".":
+                    subprocess.run(
+                        ["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                         str(Path(tmp) / f"v{i}")], capture_output=True,
+                    )  # fmt: skip
+
+
 def run_once(src: Path, args: argparse.Namespace) -> float:
     cmd = [sys.executable, "-c", CHILD, str(src), args.data_dir, str(args.px),
            str(args.images), str(args.batch_size)]  # fmt: skip
@@ -68,31 +89,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        trees = {
-            rev: worktree(rev, Path(tmp) / f"v{i}")
-            for i, rev in enumerate((args.before, args.after))
-        }
-        try:
-            results: dict[str, list[float]] = {rev: [] for rev in trees}
-            for i in range(args.repeats):
-                for rev, src in trees.items():
-                    results[rev].append(run_once(src, args))
-                    print(f"repeat {i + 1}: {rev} {results[rev][-1]:.1f} img/s", file=sys.stderr)
-        finally:
-            for i in range(2):
-                subprocess.run(
-                    [
-                        "git",
-                        "-C",
-                        str(ROOT),
-                        "worktree",
-                        "remove",
-                        "--force",
-                        str(Path(tmp) / f"v{i}"),
-                    ],
-                    capture_output=True,
-                )
+    with worktrees((args.before, args.after)) as trees:
+        results: dict[str, list[float]] = {rev: [] for rev in trees}
+        for i in range(args.repeats):
+            for rev, src in trees.items():
+                results[rev].append(run_once(src, args))
+                print(f"repeat {i + 1}: {rev} {results[rev][-1]:.1f} img/s", file=sys.stderr)
     a, b = (statistics.median(results[rev]) for rev in trees)
     print(f"| {args.px} px, {args.images} images, batch {args.batch_size} | {args.before}: "
           f"{a:.1f} img/s | {args.after}: {b:.1f} img/s | {b / a:.3f}× | "
