@@ -78,50 +78,6 @@ def real_root() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def real_trained(real_root, tmp_path_factory):
-    """A short run from scratch on the real copy, trained once per test session (~30 s on 2
-    cores), even when pytest-xdist runs the tests in several processes: the first to need it
-    trains it under a file lock in the folder they share, the others read its result.
-
-    4,000 images, 2 epochs at 32 px, random init. AdamW, because SGD at lr 0.1 is unstable for
-    the first steps of a from-scratch ResNet-50 (measured: 22 % vs 39 % validation accuracy for
-    this exact run). Returns ``train.run``'s result.
-    """
-    from filelock import FileLock
-
-    from cifar10_resnet50 import config as C
-    from cifar10_resnet50.training import train
-
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    result_file = shared / "real_run.pickle"
-    with FileLock(str(shared / "real_run.lock")):
-        if result_file.is_file():
-            return pickle.loads(result_file.read_bytes())
-        cfg = C.override(
-            C.Config(),
-            {
-                "data.data_dir": str(real_root),
-                "data.download": False,
-                "data.subset": 4000,
-                "data.val_size": 1000,
-                "model.weights": "none",
-                "model.image_size": 32,
-                "train.epochs": 2,
-                "train.batch_size": 64,
-                "optim.optimizer": "adamw",
-                "optim.lr": 2e-3,
-                "train.device": "cpu",
-                "train.progress": False,
-                "train.out": str(shared / "real_run" / "run"),
-            },
-        )
-        result = train.run(cfg, final_eval=False)
-        result_file.write_bytes(pickle.dumps(result))
-        return result
-
-
 @pytest.fixture
 def no_data_env(monkeypatch):
     """Tests that pass --data-dir explicitly must not fall back to the real copy."""

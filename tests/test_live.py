@@ -2,16 +2,11 @@
 in headless Chromium."""
 
 import io
-import os
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
-import numpy as np
-import pytest
 import uvicorn
 from PIL import Image
 
@@ -174,85 +169,6 @@ def test_oversized_request_headers_get_431_and_the_connection_closes(tiny_checkp
             reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.1 431")
         assert httpx.get(live.url + "/healthz").status_code == 200
-
-
-def _browser_or_skip():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        message = "Debian's chromium and chromium-driver are needed for the web-page test"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + " (.ci/run installs them)")
-        pytest.skip(message)
-    return chromium, driver
-
-
-def _first_correctly_classified(predictor, paths: list[Path]) -> tuple[Path, str]:
-    """The first image (named ``testNN_<label>.png``) whose top-1 prediction is its true label."""
-    for path in paths:
-        truth = path.stem.split("_", 1)[1]
-        pixels = np.asarray(Image.open(path).convert("RGB"))[None]
-        if predictor.top_k(predictor.probabilities(pixels), 1)[0][0][0] == truth:
-            return path, truth
-    raise AssertionError(f"the trained model got none of {len(paths)} real test images right")
-
-
-def test_web_page_shows_the_true_label_of_an_uploaded_image(real_trained, real_pngs, tmp_path):
-    chromium, driver_path = _browser_or_skip()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    # A model that really learned (~40 % on real images), and a real test image it gets right:
-    # the page must show that image's true class as its top-1 label.
-    model_path = real_trained.best
-    image, expected = _first_correctly_classified(inference.load(model_path), real_pngs)
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--window-size=900,700",
-    ):
-        options.add_argument(flag)
-    app = serve.create_app(lambda: inference.load(model_path), ServeConfig())
-    with LiveServer(app) as live:
-        browser = webdriver.Chrome(service=Service(driver_path), options=options)
-        try:
-            browser.get(live.url + "/")
-            bad = tmp_path / "not_an_image.png"
-            bad.write_bytes(b"plain text, not a PNG")
-            browser.find_element(By.ID, "file").send_keys(f"{image}\n{bad}")
-            WebDriverWait(browser, 30).until(
-                lambda b: "classified" in b.find_element(By.ID, "status").text
-            )
-            out = browser.find_element(By.CSS_SELECTOR, ".out[data-top1]")
-            top1 = out.get_attribute("data-top1")
-            labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".out .label")]
-            status = browser.find_element(By.ID, "status").text
-            placeholders = browser.find_elements(By.CSS_SELECTOR, ".card .noimg")
-            kind = browser.find_element(By.ID, "kind").text
-            shot = Path(os.environ.get("TEST_ARTIFACTS", tmp_path)) / "web_page.png"
-            shot.parent.mkdir(parents=True, exist_ok=True)
-            browser.save_screenshot(str(shot))
-        finally:
-            browser.quit()
-    assert top1 == expected
-    assert labels[0] == expected and len(labels) == 5
-    # A rejected file is counted as rejected, shown without a broken-image icon, and a model
-    # trained from scratch is not called fine-tuned.
-    assert status == "1 image(s) classified, 1 rejected" and len(placeholders) == 1
-    assert "from scratch" in kind and "fine-tuned" not in kind
-    assert shot.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_serve_command_starts_binds_loopback_and_answers(tiny_checkpoint, real_pngs):

@@ -36,8 +36,11 @@ def _row(out):
 
 
 def test_features_are_cached_and_reused_only_when_every_key_matches(
-    synthetic_root, tmp_path, caplog
+    synthetic_root, tmp_path, caplog, monkeypatch
 ):
+    # A cache of its own: the session's cache may already hold these features from another test
+    # in this process (the first run below must compute them; CI failed on that once).
+    monkeypatch.setenv("CIFAR10_RESNET50_CACHE", str(tmp_path / "cache"))
     with caplog.at_level("INFO", logger="cifar10_resnet50"):
         first = train.run(_cfg(synthetic_root, tmp_path / "a"), final_eval=False)
     assert _row(first.out_dir)["probe"]["features_from_cache"] is False
