@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from cifar10_resnet50.data import cifar10, folder
+from cifar10_resnet50.decode_pool import usable_cores
 
 
 def write_photos(root: Path, n: int, data_dir: str | None) -> list[str]:
@@ -54,7 +55,7 @@ def main() -> int:
     names = write_photos(root, args.images, args.data_dir)
     mb = sum((root / n).stat().st_size for n in names) / 1e6
     print(f"wrote {len(names)} JPEGs 640×480 ({mb:.0f} MB) in {time.perf_counter() - t0:.0f} s")
-    workers = folder.default_workers()
+    workers = usable_cores()
     print(f"cores available: {workers}")
     for size in args.store_size:
         rates: dict[int, list[float]] = {1: [], workers: []}

@@ -86,7 +86,7 @@ def test_temperature_travels_from_checkpoint_to_exports_predict_and_evaluate(
         predictor = inference.load(source)
         assert predictor.meta["temperature"] == 0.25
         np.testing.assert_allclose(predictor.probabilities(hwc), expected, atol=2e-4)
-    report = evaluate.run(path, data_dir=synthetic_root, out_dir=tmp_path / "eval")
+    report = evaluate.run(path, data_dir=synthetic_root, out_dir=tmp_path / "eval", test_images=500)
     c = report.metrics["calibration"]
     assert c["temperature"] == 0.25 and "before_scaling" in c
     assert (tmp_path / "eval" / "reliability.png").stat().st_size > 1000

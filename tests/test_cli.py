@@ -163,10 +163,13 @@ def test_train_then_evaluate_end_to_end(synthetic_root, tmp_path):
         "--tta",
         "--out",
         str(tmp_path / "ev"),
+        "--test-images",
+        "1000",
     )
     assert proc.returncode == 0, proc.stderr
     assert "TTA flip" in proc.stdout
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["tta"] == "flip"
+    assert "1000 of 10000 test images (--test-images)" in proc.stderr
 
 
 def test_ctrl_c_saves_last_and_resume_finishes_the_run(synthetic_root, tmp_path):
@@ -178,7 +181,7 @@ def test_ctrl_c_saves_last_and_resume_finishes_the_run(synthetic_root, tmp_path)
         "train", "--data-dir", str(synthetic_root), "--no-download", "--weights", "none",
         "--image-size", "32", "--subset", "512", "--batch-size", "16", "--epochs", "1",
         "--val-size", "20", "--device", "cpu", "--no-progress", "--out", str(out),
-        "--checkpoint-every", "4",
+        "--checkpoint-every", "4", "--test-images", "200",
     ]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "cifar10_resnet50", *args], stderr=subprocess.PIPE, text=True
@@ -292,11 +295,15 @@ def test_evaluate_takes_a_run_folder_and_tta_keeps_the_report_without_it(
     shutil.copy(tiny_checkpoint, run / "best.pt")
     (run / "eval" / "metrics.json").write_text('{"from": "training"}')
     code = main(
-        ["evaluate", str(run), "--tta", "--data-dir", str(synthetic_root), "--device", "cpu"]
-    )
+        ["evaluate", str(run), "--tta", "--data-dir", str(synthetic_root), "--device", "cpu",
+         "--test-images", "500"]
+    )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert (run / "eval" / "metrics.json").read_text() == '{"from": "training"}'
-    assert json.loads((run / "eval-tta" / "metrics.json").read_text())["tta"] == "flip"
+    tta = json.loads((run / "eval-tta" / "metrics.json").read_text())
+    assert tta["tta"] == "flip" and tta["count"] == 500  # --test-images: a stratified 500
+    confusion = json.loads((run / "eval-tta" / "confusion.json").read_text())
+    assert [sum(row) for row in confusion["rows_true_cols_pred"]] == [50] * 10
 
 
 def test_lr_find_offers_only_the_flags_it_uses(capsys):

@@ -123,7 +123,7 @@ def test_ctrl_c_to_the_launcher_saves_and_resume_matches_an_uninterrupted_run(
     args = ["-m", "cifar10_resnet50", "train", "--data-dir", str(synthetic_root), "--weights",
             "none", "--image-size", "32", "--subset", "256", "--batch-size", "16", "--epochs",
             "2", "--val-size", "64", "--device", "cpu", "--no-progress", "--no-tensorboard",
-            "--optimizer", "adamw"]  # fmt: skip
+            "--optimizer", "adamw", "--test-images", "200"]  # fmt: skip
     full = _run(torchrun(*args, "--out", str(tmp_path / "full")), timeout=400)
     assert full.returncode == 0, full.stderr[-3000:]
     # The other rank has finished: rank 0 evaluates on both cores, not torchrun's one thread.

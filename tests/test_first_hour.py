@@ -171,7 +171,7 @@ def test_server_and_cli_agree_on_top_k_and_json_fields(capsys, tiny_checkpoint, 
 def test_evaluate_says_which_precision_it_used(capsys, tiny_checkpoint, synthetic_root, tmp_path):
     code, out, _ = _main(
         capsys, "evaluate", tiny_checkpoint, "--data-dir", synthetic_root, "--out", tmp_path,
-        "--precision", "fp32", "--batch-size", "1000",
+        "--precision", "fp32", "--batch-size", "1000", "--test-images", "500",
     )  # fmt: skip
     assert code == 0 and "precision fp32" in out
 

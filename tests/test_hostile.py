@@ -30,7 +30,7 @@ from cifar10_resnet50 import model as M
 from cifar10_resnet50.data import cifar10
 from cifar10_resnet50.data.cifar10 import CLASSES as CIFAR10_CLASSES
 from cifar10_resnet50.errors import UserError
-from cifar10_resnet50.serving import export, inference, predict
+from cifar10_resnet50.serving import export, files, inference
 from corpus import huge_header_png
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -409,9 +409,9 @@ def test_links_to_ancestors_visit_each_real_file_once(tmp_path):
     (root / "loop1").symlink_to(root)
     (root / "sub" / "loop2").symlink_to(root)
     (root / "sub" / "again.png").symlink_to(root / "a.png")
-    files, missing = predict.expand([str(root), f"{root}/**/*.png", str(root / "a.png")])
-    assert missing == [] and sorted(p.name for p in files) == ["a.png", "b.png"]
-    globbed = predict._glob(f"{root}/**/*.png")
+    found, missing = files.expand([str(root), f"{root}/**/*.png", str(root / "a.png")])
+    assert missing == [] and sorted(p.name for p in found) == ["a.png", "b.png"]
+    globbed = list(files.glob_files(f"{root}/**/*.png"))
     assert len({os.path.realpath(p) for p in globbed}) == 2
 
 
@@ -419,7 +419,7 @@ def test_glob_semantics_match_the_shell(tmp_path):
     for rel in ("x.png", "d/y.png", "d/e/z.png", ".hidden/h.png", "d/w.jpg"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
-    names = lambda pattern: sorted(p.name for p in predict._glob(f"{tmp_path}/{pattern}"))  # noqa: E731
+    names = lambda pattern: sorted(p.name for p in files.glob_files(f"{tmp_path}/{pattern}"))  # noqa: E731
     assert names("*.png") == ["x.png"]
     assert names("**/*.png") == ["x.png", "y.png", "z.png"]
     assert names("d/*/*.png") == ["z.png"]

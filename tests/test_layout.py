@@ -18,6 +18,7 @@ LAYERS = {
     "fileio": 0,
     "runtime": 0,
     "images": 0,
+    "decode_pool": 0,
     "model": 1,
     "checkpoint": 1,
     "data": 2,

@@ -26,6 +26,7 @@ TINY = dict(
     progress=False,
     optimizer="adamw",
     lr=2e-3,
+    test_images=300,  # the test report on 300 stratified images: a full pass is ~30 s
 )
 
 
@@ -49,8 +50,10 @@ def test_api_trains_loads_predicts_every_input_kind_and_evaluates(
     assert by_path == by_pil == by_array and len(by_path["top"]) == 2
     batch = model.probabilities(np.stack([array, array[::-1]]))
     assert batch.shape == (2, 10) and np.allclose(batch.sum(1), 1, atol=1e-5)
-    report = api.evaluate(tiny_run.best, data_dir=synthetic_root, out_dir=tmp_path / "ev")
-    assert report.metrics["count"] == 10000
+    report = api.evaluate(
+        tiny_run.best, data_dir=synthetic_root, out_dir=tmp_path / "ev", test_images=1000
+    )
+    assert report.metrics["count"] == 1000 and tiny_run.test.metrics["count"] == 300
 
 
 def test_api_settings_are_checked_by_name():
@@ -193,7 +196,7 @@ def test_api_train_logs_the_epoch_summary_like_the_cli(synthetic_root, tmp_path,
     try:
         api.train(data_dir=str(synthetic_root), download=False, weights="none", image_size=32,
                   epochs=1, subset=32, val_size=20, batch_size=16, device="cpu", progress=False,
-                  tensorboard=False, out=str(tmp_path / "run"))  # fmt: skip
+                  tensorboard=False, out=str(tmp_path / "run"), test_images=100)  # fmt: skip
     finally:
         root.handlers[:] = saved
         logging.getLogger("cifar10_resnet50").handlers.clear()

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from cifar10_resnet50.evaluation import evaluate
-from cifar10_resnet50.serving import inference, predict
+from cifar10_resnet50.serving import files, inference, predict
 from corpus import write
 
 
@@ -29,7 +29,7 @@ def test_corpus_folder_predicts_good_files_and_rejects_bad_ones(tiny_checkpoint,
     rows = json.loads(proc.stdout)
     predicted = {r["path"].rsplit("/", 1)[-1] for r in rows}
     # Folders are searched for extensions Pillow knows: random.bin and drawing.svg are skipped.
-    known = predict._image_extensions()
+    known = files.image_extensions()
     considered = {n: kind for n, kind in expected.items() if "." + n.rsplit(".", 1)[-1] in known}
     assert "random.bin" not in considered and "drawing.svg" not in considered
     good = {n for n, kind in considered.items() if kind is None}
@@ -98,8 +98,8 @@ def test_expand_handles_files_folders_and_globs(tmp_path):
     (tmp_path / "a" / "x.PNG").write_bytes(b"1")
     (tmp_path / "a" / "notes.txt").write_text("x")
     (tmp_path / "y.jpg").write_bytes(b"1")
-    files, missing = predict.expand(
+    found, missing = files.expand(
         [str(tmp_path / "a"), str(tmp_path / "*.jpg"), str(tmp_path / "z*.gif")]
     )
-    assert [f.name for f in files] == ["x.PNG", "y.jpg"]
+    assert [f.name for f in found] == ["x.PNG", "y.jpg"]
     assert len(missing) == 1 and "no files match" in missing[0].reason

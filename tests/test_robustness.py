@@ -114,11 +114,11 @@ def test_evaluate_sweeps_checkpoints_and_onnx_exports_alike(
 ):
     ckpt = evaluate.run(
         tiny_checkpoint, data_dir=synthetic_root, out_dir=tmp_path / "a", corruptions=True,
-        corruption_images=10, precision="fp32", progress=False,
+        corruption_images=10, precision="fp32", progress=False, test_images=1000,
     )  # fmt: skip
     exported = evaluate.run(
         onnx_model, data_dir=synthetic_root, out_dir=tmp_path / "b", corruptions=True,
-        corruption_images=10, progress=False,
+        corruption_images=10, progress=False, test_images=1000,
     )  # fmt: skip
     for out, report in ((tmp_path / "a", ckpt), (tmp_path / "b", exported)):
         saved = json.loads((out / "robustness.json").read_text())
@@ -135,7 +135,8 @@ def test_compare_puts_two_models_side_by_side(
 ):
     onnx = onnx_model
     rows = compare.run([str(tiny_checkpoint.parent), str(onnx)], out=tmp_path / "cmp",
-                       data_dir=synthetic_root, corruption_images=5, progress=False)  # fmt: skip
+                       data_dir=synthetic_root, corruption_images=5, test_images=500,
+                       progress=False)  # fmt: skip
     assert [r.path for r in rows] == [str(tiny_checkpoint), str(onnx)]
     assert all(0 <= r.ece <= 1 and r.images_per_s > 0 and r.size_mb > 1 for r in rows)
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000

@@ -219,6 +219,8 @@ def _predict_parser(sub: Any) -> None:
         description="Predict the model's classes for your images (any format Pillow reads). "
         "Images not at the model's input size are centre-cropped to a square and resized to "
         "it (the policy its training images went through). "
+        "Results stream as batches finish; an --output file appears when the run completes "
+        "(FILE.partial until then: --resume continues it after a kill). "
         "Exit codes: 0 all predicted, 2 some files rejected (one line each on stderr) "
         "or bad arguments, 1 other failure.",
     )
@@ -448,35 +450,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .fileio import prepare_output, write_bytes
+    from .fileio import prepare_output
     from .images import printable
-    from .serving import inference, predict
+    from .serving import bulk, inference
+    from .serving.files import Shard
+    from .serving.predict import default_workers
 
-    files, rejected = predict.expand(args.paths)
+    shard = Shard.parse(args.shard)
     if args.output:  # fail now, not after the predictions; never overwrite an input
-        prepare_output(args.output, [args.model, *files], "--output")
-    for r in rejected:
+        prepare_output(args.output, [args.model, *args.paths], "--output")
+    model = _options(args, ModelOptions)
+    predictor = inference.load(args.model, batch_size=args.batch_size, **dataclasses.asdict(model))
+    workers = args.workers
+    if workers is None:
+        workers = default_workers(model.threads, predictor.on_gpu)
+
+    def report(r: Any) -> None:
         print(f"error: {printable(r.path)}: {r.reason}", file=sys.stderr)
-    model = dataclasses.asdict(_options(args, ModelOptions))
-    predictor = inference.load(args.model, batch_size=args.batch_size, **model)
-    predictions = []
-    progress = len(files) > 200 and sys.stderr.isatty()
-    for result in predict.predict_files(predictor, files, args.top_k, progress):
-        if isinstance(result, predict.Rejected):
-            rejected.append(result)
-            print(f"error: {result.reason}", file=sys.stderr)
-        else:
-            predictions.append(result)
-    data = predict.encode(predict.render(predictions, args.format))
-    if args.output:
-        write_bytes(args.output, data)
-    else:
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
-    if rejected:
-        print(f"{len(predictions)} predicted, {len(rejected)} rejected", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return EXIT_OK
+
+    try:
+        summary = bulk.run(
+            predictor, args.paths, top_k=args.top_k, fmt=args.format, output=args.output,
+            workers=workers, shard=shard, resume=args.resume, on_rejected=report,
+            progress=sys.stderr.isatty(),
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        if bulk.resumable(args.output):
+            print(f"the files done are kept in {args.output}.partial: run the same command "
+                  "with --resume to continue", file=sys.stderr)  # fmt: skip
+        raise
+    print(summary.line(), file=sys.stderr)
+    return EXIT_USER_ERROR if summary.rejected else EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:

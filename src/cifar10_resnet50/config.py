@@ -48,6 +48,18 @@ def data_dir_setting() -> Any:
     )
 
 
+def test_images_setting() -> Any:
+    """``--test-images``, for the training run's test report and ``evaluate``."""
+    return setting(
+        None,
+        "--test-images",
+        "test report on N stratified test images (default: all). For quick checks only: "
+        "figures on a subset are not comparable with published ones",
+        low=1,
+        metavar="N",
+    )
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = setting(
@@ -254,6 +266,7 @@ class TrainConfig:
         "images per evaluation batch (default: 1024 on a GPU, 500 on a CPU)",
         metavar="N",
     )
+    test_images: int | None = test_images_setting()
     progress: bool = setting(True, "--no-progress", "no progress bars")
     threads: int | None = setting(
         None, "--threads", "CPU threads (default: all cores)", metavar="N"

@@ -131,7 +131,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------- output targets
 
 
-def _special(path: Path) -> bool:
+def is_special(path: Path) -> bool:
     """A FIFO, character device or socket: written in place, never replaced."""
     try:
         mode = os.stat(path).st_mode
@@ -168,11 +168,11 @@ def prepare_output(path: str | Path, inputs: Iterable[str | Path] = (), flag: st
     check_not_input(path, inputs, flag)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name")
-    if not _special(path):
+    if not is_special(path):
         ensure_writable_dir(Path(os.path.realpath(path)).parent)
 
 
-def _describe_failure(path: Path, e: OSError, size: int | None) -> str:
+def _describe_failure(path: Path, e: OSError, size: int | None, atomic: bool = True) -> str:
     reason = e.strerror or str(e)
     text = f"cannot write {path}: {reason}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -189,7 +189,7 @@ def _describe_failure(path: Path, e: OSError, size: int | None) -> str:
         )
     else:
         text += "; check the device and the path"
-    return text + " (any previous file there is unchanged)"
+    return text + (" (any previous file there is unchanged)" if atomic else "")
 
 
 @contextlib.contextmanager
@@ -206,13 +206,9 @@ def atomic_open(
         yield stream
         stream.flush()
         return
-    if _special(path):
+    if is_special(path):
         try:
-            # Non-blocking, so a FIFO without a reader fails now (ENXIO) instead of blocking
-            # in open() forever; then blocking again, so writes wait for a slow reader.
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-            os.set_blocking(fd, True)
-            with os.fdopen(fd, mode) as f:
+            with open_special(path, mode) as f:
                 yield f
         except OSError as e:
             raise WriteError(_describe_failure(path, e, size)) from None
@@ -245,6 +241,20 @@ def atomic_open(
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def open_special(path: Path, mode: str = "wb") -> IO[Any]:
+    """Open a FIFO or device for writing. Non-blocking, so a FIFO without a reader fails now
+    (ENXIO) instead of blocking in open() forever; then blocking again, so writes wait for a
+    slow reader."""
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, mode)
+
+
+def write_error(path: Path, e: OSError) -> WriteError:
+    """A failed write of ``path`` as the one-line error users get for every write."""
+    return WriteError(_describe_failure(path, e, None, atomic=False))
 
 
 def write_bytes(path: str | Path, data: bytes | memoryview) -> None:
@@ -301,7 +311,7 @@ def append_line(path: str | Path, line: str) -> None:
     """Append one line to a log of ours (``metrics.jsonl``). Not atomic: a kill can tear the
     last line, which its reader drops. A FIFO or device there is refused, never opened."""
     path = Path(path)
-    if _special(path):
+    if is_special(path):
         raise WriteError(f"cannot append to {path}: it is not a regular file; remove it")
     try:
         with open(path, "a", encoding="utf-8") as f:

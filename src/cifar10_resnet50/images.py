@@ -2,7 +2,7 @@
 ``size`` is the model's input size (from its metadata; a folder dataset's stored size).
 
 Shared by ``predict``, ``serve`` and the folder data source (which decodes a whole folder in
-worker processes through :func:`decode_files`). Every failure is an :class:`ImageError` whose ``kind``
+worker processes through :func:`decode_many`). Every failure is an :class:`ImageError` whose ``kind``
 says what went wrong (the server maps kinds to HTTP status codes, ``predict`` to one line on
 stderr). *Any* exception while decoding one image is that image's error: Pillow and its
 plugins raise far more than their documented types (``struct.error`` from a damaged EXIF
@@ -370,21 +370,33 @@ def read_file(
     return decode(data, name, size=size, max_pixels=max_pixels, max_seconds=max_seconds)
 
 
-def decode_files(root: str, names: list[str], size: int) -> tuple[np.ndarray, list[str]]:
-    """Read and decode ``root/name`` for each name (a worker process's share of a folder):
-    uint8 ``[n,size,size,3]`` (zeros where a file failed) and, per file, "" or the reason it
-    failed. Top-level and torch-free, so a spawned worker imports only numpy and Pillow."""
-    from pathlib import Path
+def ignore_interrupts() -> None:
+    """A decoding worker's initializer: Ctrl-C reaches every process of the terminal's group;
+    the parent stops the work and reports it once, the workers must not each print a
+    KeyboardInterrupt traceback."""
+    import signal
 
-    out = np.zeros((len(names), size, size, 3), np.uint8)
-    errors = []
-    for i, name in enumerate(names):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def decode_many(
+    paths: list[str], size: int, names: list[str] | None = None
+) -> tuple[np.ndarray, list[tuple[int, int]], list[str]]:
+    """Read and decode each file (a worker process's share): uint8 ``[n,size,size,3]`` (zeros
+    where a file failed), each image's (width, height) after EXIF orientation ((0, 0) where it
+    failed), and per file "" or the reason it failed (named by ``names`` when given).
+    Top-level and torch-free, so a spawned worker imports only numpy and Pillow."""
+    out = np.zeros((len(paths), size, size, 3), np.uint8)
+    sizes, errors = [], []
+    for i, path in enumerate(paths):
         try:
-            out[i] = read_file(Path(root) / name, size=size, name=name).pixels
-            errors.append("")
+            decoded = read_file(path, size=size, name=names[i] if names else None)
+            out[i], size_i, error = decoded.pixels, decoded.original_size, ""
         except ImageError as e:
-            errors.append(str(e))
-    return out, errors
+            size_i, error = (0, 0), str(e)
+        sizes.append(size_i)
+        errors.append(error)
+    return out, sizes, errors
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")

@@ -6,7 +6,7 @@ Two layouts (torchvision's ``ImageFolder`` shape)::
     PATH/train/<class>/**, PATH/test/<class>/**  [, PATH/val/<class>/**]
 
 Class names are the training class folders' names, sorted. Every other file is decoded once
-by the project's safe decoder (:func:`images.decode_files`: EXIF orientation, modes, 16-bit,
+by the project's safe decoder (:func:`images.decode_many`: EXIF orientation, modes, 16-bit,
 byte/pixel/time limits) in worker processes on all cores, brought to ``store_size`` px by the
 same policy predictions use (centred square, Lanczos), and kept in the tensor cache, keyed by
 every file's relative path, size and mtime plus the store size: adding, removing or changing a
@@ -25,17 +25,16 @@ import hashlib
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..decode_pool import decode_in_order, usable_cores
 from ..errors import UserError
-from ..images import decode_files, printable
+from ..images import printable
 from . import cache
 from .dataset import HOLDOUT_FRACTION, Arrays, stratified_split
 
@@ -164,45 +163,24 @@ def _fingerprint(root: Path, names: list[str]) -> list[list[Any]]:
 # --------------------------------------------------------------------------- decoding
 
 
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def decode_all(
     root: Path, names: list[str], size: int, workers: int, progress: bool
 ) -> tuple[np.ndarray, list[str]]:
     """uint8 ``[N,size,size,3]`` and one error text per file ("" when it decoded), decoding
-    chunks of :data:`CHUNK` files in ``workers`` processes (in this one when ``workers`` is 1).
-
-    Processes, not threads: Pillow's decoders and Lanczos hold the GIL for part of their work,
-    and a hostile file that hits the time limit then only stalls its own worker. ``spawn``
-    workers import numpy and Pillow only (``images`` is torch-free), never this process's
-    torch threads or CUDA state.
-    """
+    chunks of :data:`CHUNK` files in ``workers`` processes (:mod:`..decode_pool`; in this one
+    when ``workers`` is 1: nothing else would overlap with a single worker)."""
     from tqdm import tqdm
 
     out = np.zeros((len(names), size, size, 3), np.uint8)
     errors = [""] * len(names)
-    chunks = [(i, names[i : i + CHUNK]) for i in range(0, len(names), CHUNK)]
-    bar = tqdm(total=len(names), desc="decoding", unit="img", disable=not progress)
-    with bar:
-        if workers <= 1:
-            for start, part in chunks:
-                out[start : start + len(part)], errors[start : start + len(part)] = decode_files(
-                    str(root), part, size
-                )
-                bar.update(len(part))
-            return out, errors
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(decode_files, str(root), part, size): s for s, part in chunks}
-            for future, start in futures.items():
-                pixels, errs = future.result()
-                out[start : start + len(pixels)] = pixels
-                errors[start : start + len(errs)] = errs
-                bar.update(len(errs))
+    starts = range(0, len(names), CHUNK)
+    chunks = (([str(root / n) for n in names[s : s + CHUNK]], names[s : s + CHUNK]) for s in starts)
+    decoded = decode_in_order(chunks, size, workers if workers > 1 else 0)
+    with tqdm(total=len(names), desc="decoding", unit="img", disable=not progress) as bar:
+        for start, (pixels, _, errs) in zip(starts, decoded, strict=True):
+            out[start : start + len(pixels)] = pixels
+            errors[start : start + len(errs)] = errs
+            bar.update(len(errs))
     return out, errors
 
 
@@ -326,7 +304,7 @@ def load(
     root = root.resolve()
     scan = _scan(root)
     names = [f for files in scan.files.values() for f in files]
-    x, errors = _decoded(root, names, store_size, workers or default_workers(), progress, cache_dir)
+    x, errors = _decoded(root, names, store_size, workers or usable_cores(), progress, cache_dir)
     report = Report(root, problems=list(scan.problems))
     report.problems += [Problem(n, _reason(e, n)) for n, e in zip(names, errors, strict=True) if e]
     usable = {n: not e for n, e in zip(names, errors, strict=True)}

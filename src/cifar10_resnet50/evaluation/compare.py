@@ -51,6 +51,7 @@ def run(
     out: str | Path,
     data_dir: str | Path | None = CompareOptions.data_dir,
     corruption_images: int = CompareOptions.corruption_images,
+    test_images: int | None = CompareOptions.test_images,
     allow_code: bool = CompareOptions.allow_code,
     device: str = "auto",
     progress: bool = True,
@@ -67,7 +68,7 @@ def run(
             report = evaluate.run(
                 path, data_dir=data_dir, out_dir=tmp, device=device, plot=False,
                 corruptions=True, corruption_images=corruption_images, allow_code=allow_code,
-                progress=progress,
+                test_images=test_images, progress=progress,
             )  # fmt: skip
         m, sweep = report.metrics, report.robustness or {}
         rows.append(

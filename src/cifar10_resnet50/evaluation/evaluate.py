@@ -174,6 +174,21 @@ def resolve_model(path: str | Path) -> Path:
     return p
 
 
+def test_subset(
+    x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images a report covers: all, or ``n`` stratified ones (``--test-images``, for
+    quick checks; the log says the figures are not comparable)."""
+    if n is None or n >= len(y):
+        return x, y
+    log.warning(
+        "test report on %d of %d test images (--test-images): quick-check figures, not "
+        "comparable with full test-set ones", n, len(y),
+    )  # fmt: skip
+    idx = robustness.stratified(y, n, seed)
+    return x[idx], y[idx]
+
+
 def run(
     model_path: str | Path,
     *,
@@ -184,6 +199,7 @@ def run(
     precision: str = EvaluateOptions.precision,
     batch_size: int = EvaluateOptions.batch_size,
     tta_flip: bool = EvaluateOptions.tta_flip,
+    test_images: int | None = EvaluateOptions.test_images,
     plot: bool = True,
     corruptions: bool = EvaluateOptions.corruptions,
     corruption_images: int | None = EvaluateOptions.corruption_images,
@@ -222,8 +238,9 @@ def run(
     if corruptions and arrays.source != "cifar10":
         raise UserError("--corruptions is CIFAR-10-C: its parameters are for CIFAR-10's images")
     kwargs = dict(device=dev, amp_dtype=amp, batch_size=batch_size)
+    test_x, test_y = test_subset(arrays.test_x, arrays.test_y, test_images)
     report = evaluate_model(
-        model, list(meta["classes"]), arrays.test_x, arrays.test_y, out_dir=out,
+        model, list(meta["classes"]), test_x, test_y, out_dir=out,
         source=model_path, tta_flip=tta_flip, plot=plot, precision_name=kind, **kwargs,
     )  # fmt: skip
     if corruptions:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PRECISIONS, data_dir_setting, device_setting
+from ..config import PRECISIONS, data_dir_setting, device_setting, test_images_setting
 from ..declare import setting
 from ..serving.settings import allow_code_setting
 
@@ -28,6 +28,7 @@ class EvaluateOptions:
         "robustness.{json,png}) go (default: MODEL's folder/eval)",
         metavar="DIR",
     )
+    test_images: int | None = test_images_setting()
     tta_flip: bool = setting(False, "--tta", "average with horizontally flipped images")
     corruptions: bool = setting(
         False,
@@ -60,5 +61,6 @@ class CompareOptions:
         500, "--corruption-images", "stratified test images per corrupted set", low=1,
         metavar="N",
     )  # fmt: skip
+    test_images: int | None = test_images_setting()
     data_dir: str | None = data_dir_setting()
     allow_code: bool = allow_code_setting()

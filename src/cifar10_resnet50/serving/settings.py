@@ -14,7 +14,7 @@ from ..images import MAX_BYTES, MAX_DECODE_SECONDS, MAX_PIXELS
 BACKENDS = ("auto", "torch", "torchscript", "onnx")
 # A model file runs in fp32 unless asked: exact answers; bf16 is faster on CPUs that have it.
 PRECISIONS = ("auto", "fp32", "bf16")
-PREDICT_FORMATS = ("table", "json", "csv")
+PREDICT_FORMATS = ("table", "json", "csv", "jsonl")
 EXPORT_FORMATS = ("torchscript", "onnx")
 
 
@@ -56,6 +56,26 @@ class PredictOptions:
         None, "--output", "write results here instead of stdout ('-': stdout)", metavar="FILE"
     )
     batch_size: int = setting(64, "--batch-size", "images per model call", low=1)
+    workers: int | None = setting(
+        None,
+        "--workers",
+        "decoding processes, overlapped with the model (default: the cores the model leaves "
+        "free, at least 1; 0 decodes in this process)",
+        low=0,
+        metavar="N",
+    )
+    resume: bool = setting(
+        False,
+        "--resume",
+        "continue an interrupted run from its --output FILE.partial (same command otherwise)",
+    )
+    shard: str | None = setting(
+        None,
+        "--shard",
+        "predict only part K of N of the files (1-based; e.g. a SLURM array's index): N runs "
+        "with the same arguments cover every file exactly once",
+        metavar="K/N",
+    )
 
 
 @dataclass(frozen=True)

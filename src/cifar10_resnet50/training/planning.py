@@ -168,7 +168,7 @@ def plan_budget(t: Trainer, auto_size: bool, final_eval: bool) -> None:
         ),
         global_batch=tc.batch_size * t.process.world_size,
         val_images=len(t.split.val_x),
-        test_images=len(t.split.arrays.test_x) if final_eval else 0,
+        test_images=min(len(t.split.arrays.test_x), tc.test_images or 10**9) if final_eval else 0,
         strategy=tc.strategy,
         freeze_epochs=tc.freeze_epochs,
         progressive=tc.progressive,

@@ -323,11 +323,13 @@ def _final_evaluation(t: Trainer) -> evaluate.EvalReport:
     if best is not None:
         state = t.saver.best_state or checkpoint.load(best)["model"]
         t.model.load_state_dict(state)
+    arrays = t.split.arrays
+    test_x, test_y = evaluate.test_subset(arrays.test_x, arrays.test_y, t.cfg.train.test_images)
     return evaluate.evaluate_model(
         t.model,
         list(t.meta["classes"]),
-        t.split.arrays.test_x,
-        t.split.arrays.test_y,
+        test_x,
+        test_y,
         out_dir=ensure_writable_dir(t.out / "eval"),
         source=best or t.saver.last,
         device=t.device,
