@@ -71,7 +71,11 @@ class Classify:
         self.predictor = load(model, **load_options)
         self.top_k = top_k
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        """Decoded batch → an Arrow table, one row per file; Arrow, not numpy, because the
+        top-k columns are lists (empty for a file that could not be used)."""
+        import pyarrow as pa
+
         good = np.flatnonzero(batch["error"] == "")
         n = len(batch["path"])
         labels: list[list[str]] = [[] for _ in range(n)]
@@ -81,13 +85,16 @@ class Classify:
             for i, top in zip(good, self.predictor.top_k(p, self.top_k), strict=True):
                 labels[i] = [label for label, _ in top]
                 probs[i] = [round(float(q), 6) for _, q in top]
-        return {
-            "path": batch["path"], "width": batch["width"], "height": batch["height"],
-            "label": np.array([row[0] if row else None for row in labels], dtype=object),
-            "probability": np.array([row[0] if row else np.nan for row in probs]),
-            "top_labels": np.array(labels, dtype=object),
-            "top_probabilities": np.array(probs, dtype=object), "error": batch["error"],
-        }  # fmt: skip
+        return pa.table({
+            "path": pa.array([str(p) for p in batch["path"]], pa.string()),
+            "width": pa.array(batch["width"], pa.int64()),
+            "height": pa.array(batch["height"], pa.int64()),
+            "label": pa.array([row[0] if row else None for row in labels], pa.string()),
+            "probability": pa.array([row[0] if row else None for row in probs], pa.float64()),
+            "top_labels": pa.array(labels, pa.list_(pa.string())),
+            "top_probabilities": pa.array(probs, pa.list_(pa.float64())),
+            "error": pa.array([str(e) for e in batch["error"]], pa.string()),
+        })  # fmt: skip
 
 
 def predict(
