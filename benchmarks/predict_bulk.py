@@ -4,7 +4,7 @@ processes; peak memory of the ``predict`` command for a small and a large folder
 
 Photos: ``--images`` CIFAR-10 test images upscaled to 256×256 (bicubic) and saved as JPEG
 (quality 90), the kind of file a bulk job reads. The model: a random-init ResNet-50 at
-``--size`` px (speed does not depend on the weights). Each configuration runs ``--repeats``
+``--size`` px, taking CIFAR-10's 32 px images (speed does not depend on the weights). Each configuration runs ``--repeats``
 times, interleaved, and the median img/s is reported.
 
 * model alone: ``Predictor.probabilities`` on already decoded arrays (the ceiling);
@@ -65,7 +65,8 @@ def write_tiny_pngs(root: Path, n: int) -> None:
 
 
 def save_checkpoint(path: Path, size: int) -> Path:
-    """A random-init ResNet-50 at ``size`` px in our checkpoint format (as tests build one)."""
+    """A random-init CIFAR-10 ResNet-50 running at ``size`` px in our checkpoint format (as
+    tests build one): it takes 32 px images (the data's stored size) and resizes them inside."""
     import torch
 
     from cifar10_resnet50 import checkpoint
@@ -74,7 +75,7 @@ def save_checkpoint(path: Path, size: int) -> Path:
 
     torch.manual_seed(0)
     net = M.build("none", size, 10)
-    meta = M.model_meta("none", size, CLASSES, size)
+    meta = M.model_meta("none", size, CLASSES, 32)
     checkpoint.save(path, {"model_meta": meta, "model": net.state_dict(), "config": {}})
     return path
 
@@ -88,11 +89,14 @@ def make_models(folder: Path, size: int, data_dir: str | None) -> dict[str, Path
     return {"checkpoint fp32": ckpt, "checkpoint bf16": ckpt, "onnx int8": onnx}
 
 
-def load(path: Path, label: str, threads: int, batch: int):
+def load(path: Path, label: str, threads: int, batch: int, workers: int | None):
+    """As ``predict`` loads it: ONNX Runtime's threads sleep instead of spinning when decoding
+    processes share the cores (``busy_wait``)."""
     from cifar10_resnet50.serving import inference
 
     precision = "bf16" if "bf16" in label else "fp32"
-    return inference.load(path, precision=precision, threads=threads, batch_size=batch)
+    return inference.load(path, precision=precision, threads=threads, batch_size=batch,
+                          busy_wait=not workers)  # fmt: skip
 
 
 def rate_model_alone(predictor, pixels: np.ndarray) -> float:
@@ -129,22 +133,25 @@ def throughput(args: argparse.Namespace, root: Path) -> None:
     cores = usable_cores()
     print(f"cores: {cores}; torch {torch.__version__}")
     models = make_models(root, args.size, args.data_dir)
-    pixels = decode_many([str(p) for p in paths], args.size)[0]
+    size = 32  # the models' input size: CIFAR-10's, the images they take before resizing
+    pixels = decode_many([str(p) for p in paths], size)[0]
     decode_rates: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(args.repeats):
         for w in decode_rates:
-            decode_rates[w].append(rate_decode(paths, args.size, w, args.batch))
+            decode_rates[w].append(rate_decode(paths, size, w, args.batch))
     one, two = (statistics.median(decode_rates[w]) for w in (1, 2))
-    print(f"decoding only, {args.size} px: 1 worker {one:,.0f} img/s, 2 workers {two:,.0f} "
+    print(f"decoding only, 256 px JPEG → {size} px: 1 worker {one:,.0f} img/s, 2 workers {two:,.0f} "
           f"img/s ({two / one:.2f}×)")  # fmt: skip
     rows = []
     for label, path in models.items():
+        if args.models and label not in args.models:
+            continue
         configs = [("model alone", cores, None), ("before (workers=0)", cores, 0)]
         configs += [(f"now (workers={w}, threads={t})", t, w) for w, t in args.configs]
         rates: dict[str, list[float]] = {c[0]: [] for c in configs}
         for _ in range(args.repeats):
             for name, threads, workers in configs:
-                predictor = load(path, label, threads, args.batch)
+                predictor = load(path, label, threads, args.batch, workers)
                 if workers is None:
                     rates[name].append(rate_model_alone(predictor, pixels))
                 else:
@@ -162,10 +169,12 @@ def peak_rss(root: Path, n: int, model: Path) -> tuple[float, float]:
     folder = root / f"tiny{n}"
     write_tiny_pngs(folder, n)
     out = root / f"tiny{n}.jsonl"
+    # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across exec, so a child
+    # started by this (large) script would report this script's peak.
     code = (
-        "import resource, sys; from cifar10_resnet50.cli import main; rc = main(sys.argv[1:]); "
-        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
-        "sys.exit(rc)"
+        "import re, sys; from cifar10_resnet50.cli import main; rc = main(sys.argv[1:]); "
+        "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+        "print('RSS', hwm, file=sys.stderr); sys.exit(rc)"
     )
     t0 = time.perf_counter()
     done = subprocess.run(
@@ -197,6 +206,8 @@ def main() -> int:
     p.add_argument("--rss-files", type=int, nargs="+", default=[1000, 20000])
     p.add_argument("--rss-only", action="store_true")
     p.add_argument("--no-rss", action="store_true")
+    p.add_argument("--models", nargs="+", choices=["checkpoint fp32", "checkpoint bf16",
+                   "onnx int8"], help="only these (default: all)")  # fmt: skip
     args = p.parse_args()
     cores = usable_cores()
     # (workers, model threads): one worker beside a model on every core (the default), and

@@ -460,7 +460,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.output:  # fail now, not after the predictions; never overwrite an input
         prepare_output(args.output, [args.model, *args.paths], "--output")
     model = _options(args, ModelOptions)
-    predictor = inference.load(args.model, batch_size=args.batch_size, **dataclasses.asdict(model))
+    predictor = inference.load(
+        args.model, batch_size=args.batch_size, busy_wait=args.workers == 0,
+        **dataclasses.asdict(model),
+    )  # fmt: skip
     workers = args.workers
     if workers is None:
         workers = default_workers(model.threads, predictor.on_gpu)

@@ -127,19 +127,25 @@ def load(
     batch_size: int = PredictOptions.batch_size,
     threads: int | None = ModelOptions.threads,
     allow_code: bool = ModelOptions.allow_code,
+    busy_wait: bool = True,
 ) -> Predictor:
     """Load a checkpoint or an export and validate it; every problem is a one-line UserError.
 
     TorchScript files are programs (they can read and write files when called), so they load
     only with ``allow_code`` (the CLI's ``--allow-torchscript-code``). Checkpoints load with
     ``weights_only`` and ONNX graphs have no file access, so neither needs it.
+
+    ``busy_wait=False``: ONNX Runtime's threads sleep between calls instead of spinning. Spinning
+    is the lowest latency for a model alone, but takes the cycles of decoding processes on the
+    same cores: ``predict`` of an int8 model with a decoding worker, 2-core CPU, 509–521 →
+    585 img/s without it (BENCHMARKS.md, issue 20).
     """
     path = require_file(path, "model")
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {BACKENDS}")
     kind = detect_backend(path) if backend == "auto" else backend
     if kind == "onnx":
-        predictor = _load_onnx(path, batch_size, threads)
+        predictor = _load_onnx(path, batch_size, threads, busy_wait)
     elif kind == "torchscript":
         if not allow_code:
             raise UserError(
@@ -239,7 +245,7 @@ def _json_meta(text: str | bytes | None, path: Path, kind: str) -> Any:
         raise UserError(f"{path}: its cifar10-resnet50 metadata is not valid JSON") from None
 
 
-def _load_onnx(path: Path, batch_size: int, threads: int | None) -> Predictor:
+def _load_onnx(path: Path, batch_size: int, threads: int | None, busy_wait: bool) -> Predictor:
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -248,6 +254,8 @@ def _load_onnx(path: Path, batch_size: int, threads: int | None) -> Predictor:
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: ORT's warnings are not for our users
+    if not busy_wait:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
     except Exception as e:  # ORT raises its own exception types for bad files
