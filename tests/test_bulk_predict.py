@@ -108,6 +108,9 @@ def _start(args, env):
         [sys.executable, "-m", "cifar10_resnet50", "predict", *map(str, args)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        # Ctrl-C's default action, as in a terminal: a test runner started in the background
+        # (`bash .ci/run &`) ignores SIGINT, and children inherit that (CI failed on it once).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
 
 
