@@ -222,3 +222,24 @@ def test_the_walk_streams_in_sorted_order(tmp_path):
         (tmp_path / rel).write_bytes(b"")
     walked = list(files.walk(tmp_path))
     assert walked == sorted(walked) and len(walked) == 6
+
+
+def test_tta_averages_each_image_with_its_mirror_for_every_backend(tiny_checkpoint, tmp_path):
+    paths = _write_images(tmp_path / "imgs", 3)
+    predictor = inference.load(tiny_checkpoint)
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    expected = (predictor.probabilities(pixels) + predictor.probabilities(pixels[:, :, ::-1])) / 2
+    assert not np.allclose(expected, predictor.probabilities(pixels))  # the mirror differs
+    [with_tta] = [r for r in predict.predict_batches(predictor, paths, 10, tta=True)]
+    for result, row in zip(with_tta, expected, strict=True):
+        assert dict(result.top) == pytest.approx(
+            dict(zip(predictor.classes, row.tolist(), strict=True))
+        )
+    out = tmp_path / "tta.jsonl"
+    done = _cli(tiny_checkpoint, *paths, "--tta", "--format", "jsonl", "--output", out,
+                "--top-k", "10")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    top = {t["label"]: t["probability"] for t in json.loads(out.read_text().splitlines()[0])["top"]}
+    assert top == pytest.approx(
+        dict(zip(predictor.classes, expected[0].tolist(), strict=True)), abs=1e-6
+    )

@@ -138,11 +138,12 @@ class Model:
             return np.zeros((0, size, size, 3), np.uint8)
         return np.stack([d.pixels for d in decoded])
 
-    def probabilities(self, images: Any) -> np.ndarray:
-        """float32 ``[N, classes]`` for one image or a list/batch of them."""
-        return self.predictor.probabilities(self._pixels(images, self.predictor.input_size))
+    def probabilities(self, images: Any, tta: bool = False) -> np.ndarray:
+        """float32 ``[N, classes]`` for one image or a list/batch of them; ``tta``: averaged
+        with each image's mirror image (``predict --tta``)."""
+        return self.predictor.probabilities(self._pixels(images, self.predictor.input_size), tta)
 
-    def predict(self, images: Any, top_k: int = 3) -> list[dict[str, Any]]:
+    def predict(self, images: Any, top_k: int = 3, tta: bool = False) -> list[dict[str, Any]]:
         """For each image: ``{"label": top-1 class, "probability": p, "top": [{"label",
         "probability"}, ...]}``, the same fields as the CLI's ``--format json`` and the
         server's ``/predict``."""
@@ -150,7 +151,7 @@ class Model:
 
         if top_k < 1:
             raise UserError("top_k must be at least 1")
-        probs = self.probabilities(images)
+        probs = self.probabilities(images, tta)
         rows = [top_json(top) for top in self.predictor.top_k(probs, top_k)]
         return [{**row[0], "top": row} for row in rows]
 

@@ -474,7 +474,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         summary = bulk.run(
             predictor, args.paths, top_k=args.top_k, fmt=args.format, output=args.output,
-            workers=workers, shard=shard, resume=args.resume, on_rejected=report,
+            workers=workers, shard=shard, resume=args.resume, tta=args.tta, on_rejected=report,
             progress=sys.stderr.isatty(),
         )  # fmt: skip
     except KeyboardInterrupt:

@@ -40,9 +40,11 @@ class Summary:
         )
 
 
-def settings_record(model: Path, paths: list[str], fmt: str, top_k: int, shard: Shard | None):
+def settings_record(
+    model: Path, paths: list[str], fmt: str, top_k: int, shard: Shard | None, tta: bool = False
+) -> dict:
     """What a resumed run must share with the partial one: the same model file (by size and
-    modification time), inputs, format, top-k and shard."""
+    modification time), inputs, format, top-k, shard and TTA."""
     st = model.stat()
     return {
         "model": str(model.resolve()),
@@ -52,6 +54,7 @@ def settings_record(model: Path, paths: list[str], fmt: str, top_k: int, shard: 
         "format": fmt,
         "top_k": top_k,
         "shard": str(shard) if shard else None,
+        "tta": tta,
     }
 
 
@@ -96,6 +99,7 @@ def run(
     workers: int,
     shard: Shard | None = None,
     resume: bool = False,
+    tta: bool = False,
     progress: bool = False,
     on_rejected: Callable[[Rejected], None],
 ) -> Summary:
@@ -109,7 +113,7 @@ def run(
         missing.append(r)
         on_rejected(r)
 
-    record = settings_record(predictor.path, paths, fmt, top_k, shard)
+    record = settings_record(predictor.path, paths, fmt, top_k, shard, tta)
     out = open_output(output, record, resume)
     done = out.progress.files_done
     stream = iter_files(paths, note_missing, shard, output)
@@ -121,7 +125,7 @@ def run(
     try:
         if out.progress.output_bytes == 0:
             out.write(opening(fmt), [], 0)
-        for batch in predict_batches(predictor, files, top_k, workers):
+        for batch in predict_batches(predictor, files, top_k, workers, tta):
             good = [r for r in batch if isinstance(r, Prediction)]
             for r in batch:
                 if isinstance(r, Rejected):

@@ -68,7 +68,11 @@ class Predictor:
         """Pixels a side of the images the model takes (decode user images to this size)."""
         return int(self.meta["input_size"])
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
+    def probabilities(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+        """With ``tta``, the mean of the probabilities of each image and its mirror image
+        (any backend: the outputs are probabilities; fastai's ``tta`` averages them too)."""
+        if tta:
+            return (self.probabilities(images) + self.probabilities(images[:, :, ::-1])) / 2
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"expected uint8 [N,H,W,3], got {images.dtype} {images.shape}")
         # uint8 [N,H,W,3] (image layout) → uint8 [N,3,H,W] (the models' layout)

@@ -77,7 +77,7 @@ def _reason(error: str, path: str) -> str:
 
 
 def predict_batches(
-    predictor: Predictor, files: Iterable[Path], top_k: int, workers: int = 0
+    predictor: Predictor, files: Iterable[Path], top_k: int, workers: int = 0, tta: bool = False
 ) -> Iterator[list[Result]]:
     """One list of results per batch of ``predictor.batch_size`` files, in input order: a
     :class:`Prediction` per file that decoded, a :class:`Rejected` (one line why) per file
@@ -90,15 +90,15 @@ def predict_batches(
             Rejected(str(p), _reason(e, str(p))) for p, e in zip(paths, errors, strict=True)
         ]
         if good:
-            probs = predictor.probabilities(pixels[good])
+            probs = predictor.probabilities(pixels[good], tta)
             for i, top in zip(good, predictor.top_k(probs, top_k), strict=True):
                 results[i] = Prediction(str(paths[i]), top, *sizes[i])
         yield results
 
 
 def predict_files(
-    predictor: Predictor, files: Iterable[Path], top_k: int, workers: int = 0
+    predictor: Predictor, files: Iterable[Path], top_k: int, workers: int = 0, tta: bool = False
 ) -> Iterator[Result]:
     """:func:`predict_batches`, one result at a time."""
-    for batch in predict_batches(predictor, files, top_k, workers):
+    for batch in predict_batches(predictor, files, top_k, workers, tta):
         yield from batch

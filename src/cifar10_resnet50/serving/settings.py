@@ -56,6 +56,11 @@ class PredictOptions:
         None, "--output", "write results here instead of stdout ('-': stdout)", metavar="FILE"
     )
     batch_size: int = setting(64, "--batch-size", "images per model call", low=1)
+    tta: bool = setting(
+        False,
+        "--tta",
+        "average the probabilities of each image and its mirror image (2× the model's work)",
+    )
     workers: int | None = setting(
         None,
         "--workers",
