@@ -243,3 +243,28 @@ def test_tta_averages_each_image_with_its_mirror_for_every_backend(tiny_checkpoi
     assert top == pytest.approx(
         dict(zip(predictor.classes, expected[0].tolist(), strict=True)), abs=1e-6
     )
+
+
+def test_a_kill_between_the_closing_text_and_the_rename_resumes_to_valid_json(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    folder = tmp_path / "imgs"
+    _write_images(folder, 3)
+    predictor = inference.load(tiny_checkpoint, batch_size=2)
+    out = tmp_path / "p.json"
+    monkeypatch.setattr(results, "COMMIT_EVERY_S", 0.0)  # a record after every write
+
+    real_replace = os.replace
+
+    def killed(src, dst, **kw):
+        if str(src).endswith(".partial"):
+            raise KeyboardInterrupt  # the run dies just before FILE.partial becomes FILE
+        return real_replace(src, dst, **kw)  # the record's own atomic writes go on
+
+    with monkeypatch.context() as m:
+        m.setattr(results.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _run(predictor, [folder], fmt="json", output=str(out))
+    assert not out.exists() and results.partial_path(out).read_text().endswith("\n]\n")
+    _run(predictor, [folder], fmt="json", output=str(out), resume=True)
+    assert len(json.loads(out.read_text())) == 3  # the closing bracket once

@@ -7,6 +7,7 @@ batch, and the only per-file state is the set of file identities (see :mod:`.fil
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -122,18 +123,20 @@ def run(
     if progress:
         _count_in_background(bar, paths, shard)
     predicted = rejected = 0
+    batches = predict_batches(predictor, files, top_k, workers, tta)
     try:
         if out.progress.output_bytes == 0:
             out.write(opening(fmt), [], 0)
-        for batch in predict_batches(predictor, files, top_k, workers, tta):
-            good = [r for r in batch if isinstance(r, Prediction)]
-            for r in batch:
-                if isinstance(r, Rejected):
-                    on_rejected(r)
-            bad = len(batch) - len(good)
-            out.write(render(good, fmt, out.progress), [r.path for r in batch], bad)
-            predicted, rejected = predicted + len(good), rejected + bad
-            bar.update(len(batch))
+        with contextlib.closing(batches):  # on any exit the decoding processes stop at once
+            for batch in batches:
+                good = [r for r in batch if isinstance(r, Prediction)]
+                for r in batch:
+                    if isinstance(r, Rejected):
+                        on_rejected(r)
+                bad = len(batch) - len(good)
+                out.write(render(good, fmt, out.progress), [r.path for r in batch], bad)
+                predicted, rejected = predicted + len(good), rejected + bad
+                bar.update(len(batch))
         out.finish(fmt)
     finally:
         bar.close()

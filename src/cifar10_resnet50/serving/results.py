@@ -160,7 +160,13 @@ class Output:
         self.last_commit = time.monotonic()
 
     def finish(self, fmt: str) -> None:
-        self.write(closing(fmt, self.progress), [], 0)
+        """The closing text, then the rename. The closing is never committed to the record: a
+        kill before the rename resumes to a partial without it, and adds it once."""
+        try:
+            self.stream.write(encode(closing(fmt, self.progress)))
+            self.stream.flush()
+        except OSError as e:
+            raise fileio.write_error(self.path or Path("the output"), e) from None
         if self.path is None:
             return
         os.fsync(self.stream.fileno())
