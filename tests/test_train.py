@@ -279,3 +279,27 @@ def test_a_subset_run_validates_on_a_tenth_of_its_subset(synthetic_root, tmp_pat
     train.run(cfg, final_eval=False, stop_after_steps=1)
     splits = json.loads((tmp_path / "r" / "splits.json").read_text())
     assert len(splits["val"]) == 20  # not 5,000 (a tenth of all the training images)
+
+
+def test_patience_ends_the_run_when_validation_stops_improving_and_resume_keeps_it(
+    synthetic_root, tmp_path
+):
+    # A learning rate too small to move the weights: validation accuracy soon stops rising.
+    cfg = tiny(synthetic_root, tmp_path / "r", **{"train.epochs": 6, "train.patience": 1,
+                                                 "optim.lr": 1e-7})  # fmt: skip
+    result = train.run(cfg, final_eval=False)
+    rows = (result.out_dir / "metrics.jsonl").read_text().splitlines()
+    accs = [json.loads(line)["val_acc"] for line in rows]
+    best, best_epoch, expected = None, 0, 6
+    for epoch, acc in enumerate(accs, 1):  # the rule, applied to the run's own figures
+        if best is None or acc > best:
+            best, best_epoch = acc, epoch
+        if epoch - best_epoch >= 1:
+            expected = epoch
+            break
+    assert result.epochs_done == len(accs) == expected < 6, accs
+    assert checkpoint.load(result.best)["metrics"]["epoch"] == best_epoch
+    again = train.run(cfg, resume=True, final_eval=False)
+    assert again.already_finished and again.epochs_done == expected
+    with pytest.raises(UserError, match="--patience watches validation accuracy"):
+        C.validate(C.override(cfg, {"data.val_size": 0}))

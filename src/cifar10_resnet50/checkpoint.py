@@ -134,6 +134,15 @@ class RunState:
     step: int = 0  # optimizer steps in all
     best_val_acc: float | None = None
     sums: dict[str, Any] = field(default_factory=_zero_sums)
+    best_epoch: int | None = None  # epochs done when best_val_acc was reached (--patience)
+
+    def out_of_patience(self, patience: int | None) -> bool:
+        """``--patience``: ``patience`` epochs have passed since the best one."""
+        return (
+            bool(patience)
+            and self.best_epoch is not None
+            and (self.epoch - self.best_epoch >= patience)
+        )
 
     def next_epoch(self) -> None:
         self.epoch, self.batch, self.sums = self.epoch + 1, 0, _zero_sums()
@@ -199,6 +208,7 @@ class Saver:
             "batch": state.batch,
             "step": state.step,
             "best_val_acc": state.best_val_acc,
+            "best_epoch": state.best_epoch,
             "epoch_sums": {k: float(v) for k, v in state.sums.items()},
             "world_size": self.world_size,
         }
@@ -273,5 +283,10 @@ class Saver:
         opt.load_state_dict({k: ts[k] for k in ("optimizer", "scheduler", "scaler")})
         torch.set_rng_state(ts["rng"]["torch"])  # a "cuda" entry (older files) is not used
         return RunState(
-            ts["epoch"], ts["batch"], ts["step"], ts["best_val_acc"], dict(ts["epoch_sums"])
+            ts["epoch"],
+            ts["batch"],
+            ts["step"],
+            ts["best_val_acc"],
+            dict(ts["epoch_sums"]),
+            ts.get("best_epoch"),  # absent in files from before --patience
         )

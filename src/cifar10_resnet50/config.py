@@ -267,6 +267,14 @@ class TrainConfig:
         metavar="N",
     )
     test_images: int | None = test_images_setting()
+    patience: int | None = setting(
+        None,
+        "--patience",
+        "early stopping: end the run once validation accuracy has not improved for N epochs "
+        "(best.pt keeps the best epoch)",
+        low=1,
+        metavar="N",
+    )
     progress: bool = setting(True, "--no-progress", "no progress bars")
     threads: int | None = setting(
         None, "--threads", "CPU threads (default: all cores)", metavar="N"
@@ -447,6 +455,12 @@ def validate(cfg: Config) -> None:
     check(t.freeze_epochs >= 0, "--freeze-epochs must be 0 or more")
     check(t.seed >= 0, "--seed must be 0 or more")
     check(t.checkpoint_every >= 0, "--checkpoint-every must be 0 or more")
+    check(t.test_images is None or t.test_images >= 1, "--test-images must be at least 1")
+    check(t.patience is None or t.patience >= 1, "--patience must be at least 1")
+    check(
+        t.patience is None or d.val_size != 0,
+        "--patience watches validation accuracy: it needs a validation split (--val-size > 0)",
+    )
     check(
         t.steps_per_epoch is None or t.steps_per_epoch >= 1, "--steps-per-epoch must be at least 1"
     )

@@ -55,6 +55,9 @@ def fit(
     totals = Totals(t.clock())
     with StopFlag() as stop:
         while state.epoch < t.cfg.train.epochs:  # --budget's re-planning may lower it
+            if state.out_of_patience(t.cfg.train.patience):  # the same on every rank
+                _log_patience(state, t.cfg.train.patience)
+                break
             epoch = Epoch(t.clock(), float(state.sums["seen"]), pending_from=state.step)
             if train_epoch(t, state, epoch, stop, callbacks, stop_after):
                 log.warning(
@@ -68,6 +71,15 @@ def fit(
     t.saver.wait()  # the last epoch's checkpoints are on disk (and their time counted)
     totals.log(t.clock())
     return False
+
+
+def _log_patience(state: RunState, patience: int) -> None:
+    log.info(
+        "early stop after epoch %d: validation accuracy has not improved for %d epoch(s) "
+        "(best %.2f%% at epoch %d; --patience %d)",
+        state.epoch, state.epoch - state.best_epoch, 100 * state.best_val_acc, state.best_epoch,
+        patience,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -191,9 +203,9 @@ def end_epoch(
     improved = row["val_acc"] is not None and (
         state.best_val_acc is None or row["val_acc"] > state.best_val_acc
     )
-    if improved:
-        state.best_val_acc = row["val_acc"]
     state.next_epoch()
+    if improved:
+        state.best_val_acc, state.best_epoch = row["val_acc"], state.epoch
     t2 = clock()
     snap = t.saver.snapshot(t.model, t.opt, state, best=improved)
     t3 = clock()

@@ -121,7 +121,7 @@ def _run(
 ) -> TrainResult:
     auto_size = cfg.model.image_size is None  # --budget may choose it
     cfg, out, saved = _settings(cfg, resume, process)
-    if saved is not None and saved["train_state"]["epoch"] >= cfg.train.epochs:
+    if saved is not None and _finished(saved["train_state"], cfg.train.epochs, cfg.train.patience):
         return _already_finished(out, saved["train_state"])
     t, state = _start(cfg, out, process, saved, timing, auto_size, final_eval)
     stopped = False
@@ -144,9 +144,15 @@ def _run(
     )  # fmt: skip
 
 
+def _finished(saved_state: dict[str, Any], epochs: int, patience: int | None) -> bool:
+    """All epochs done, or stopped by ``--patience`` (a resumed run keeps its patience)."""
+    state = checkpoint.RunState(saved_state["epoch"], best_epoch=saved_state.get("best_epoch"))
+    return state.epoch >= epochs or state.out_of_patience(patience)
+
+
 def _already_finished(out: Path, saved_state: dict[str, Any]) -> TrainResult:
     done = saved_state["epoch"]
-    log.info("%s finished all %d epochs; nothing to do", out, done)
+    log.info("%s finished (%d epochs); nothing to do", out, done)
     best = out / "best.pt" if (out / "best.pt").exists() else None
     return TrainResult(
         out_dir=out, last=out / "last.pt", best=best, best_val_acc=saved_state["best_val_acc"],
