@@ -301,5 +301,8 @@ def test_patience_ends_the_run_when_validation_stops_improving_and_resume_keeps_
     assert checkpoint.load(result.best)["metrics"]["epoch"] == best_epoch
     again = train.run(cfg, resume=True, final_eval=False)
     assert again.already_finished and again.epochs_done == expected
+    more = C.override(cfg, {"train.patience": 6, "train.epochs": expected + 1})
+    longer = train.run(more, resume=True, final_eval=False)  # more patience: trains on
+    assert not longer.already_finished and longer.epochs_done == expected + 1
     with pytest.raises(UserError, match="--patience watches validation accuracy"):
         C.validate(C.override(cfg, {"data.val_size": 0}))

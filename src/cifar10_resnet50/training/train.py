@@ -50,7 +50,10 @@ log = logging.getLogger(__name__)
 # train.out: a run started without --out saved None; resuming names the folder it chose.
 # data.data_dir, data.download: where the same CIFAR-10 files are found (their content is
 # verified on every load), e.g. another machine's copy.
+# train.patience: like epochs, when to stop; train.test_images: the final report only.
 RESUMABLE_CHANGES = {
+    "train.patience",
+    "train.test_images",
     "data.data_dir",
     "data.download",
     "train.epochs",
