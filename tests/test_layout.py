@@ -27,6 +27,7 @@ LAYERS = {
     "training": 5,
     "api": 6,
     "cli": 7,
+    "commands": 7,
     "__main__": 8,
     "__init__": 0,
 }
