@@ -370,6 +370,13 @@ def read_file(
     return decode(data, name, size=size, max_pixels=max_pixels, max_seconds=max_seconds)
 
 
+def without_name(error: str, name: str) -> str:
+    """A decoding error's message without its leading "name: " (for reports that print the
+    file's name themselves)."""
+    prefix = printable(name) + ": "
+    return error[len(prefix) :] if error.startswith(prefix) else error
+
+
 def ignore_interrupts() -> None:
     """A decoding worker's initializer: Ctrl-C reaches every process of the terminal's group;
     the parent stops the work and reports it once, the workers must not each print a

@@ -34,7 +34,7 @@ import torch
 
 from ..decode_pool import decode_in_order, usable_cores
 from ..errors import UserError
-from ..images import printable
+from ..images import printable, without_name
 from . import cache
 from .dataset import HOLDOUT_FRACTION, Arrays, stratified_split
 
@@ -184,12 +184,6 @@ def decode_all(
     return out, errors
 
 
-def _reason(error: str, name: str) -> str:
-    """The decoder's message without its leading "name: " (the report prints the path)."""
-    prefix = printable(name) + ": "
-    return error[len(prefix) :] if error.startswith(prefix) else error
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -306,7 +300,9 @@ def load(
     names = [f for files in scan.files.values() for f in files]
     x, errors = _decoded(root, names, store_size, workers or usable_cores(), progress, cache_dir)
     report = Report(root, problems=list(scan.problems))
-    report.problems += [Problem(n, _reason(e, n)) for n, e in zip(names, errors, strict=True) if e]
+    report.problems += [
+        Problem(n, without_name(e, n)) for n, e in zip(names, errors, strict=True) if e
+    ]
     usable = {n: not e for n, e in zip(names, errors, strict=True)}
     classes = _classes(scan, usable, report)
     report.problems.sort(key=lambda p: p.path)

@@ -70,12 +70,6 @@ def decoded_batches(
         yield batches.popleft(), *decoded
 
 
-def _reason(error: str, path: str) -> str:
-    """The decoder's message without its leading "path: " (the report names the file)."""
-    prefix = images_lib.printable(path) + ": "
-    return error[len(prefix) :] if error.startswith(prefix) else error
-
-
 def predict_batches(
     predictor: Predictor, files: Iterable[Path], top_k: int, workers: int = 0, tta: bool = False
 ) -> Iterator[list[Result]]:
@@ -87,7 +81,8 @@ def predict_batches(
     ):
         good = [i for i, e in enumerate(errors) if not e]
         results: list[Result] = [
-            Rejected(str(p), _reason(e, str(p))) for p, e in zip(paths, errors, strict=True)
+            Rejected(str(p), images_lib.without_name(e, str(p)))
+            for p, e in zip(paths, errors, strict=True)
         ]
         if good:
             probs = predictor.probabilities(pixels[good], tta)
