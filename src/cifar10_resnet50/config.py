@@ -190,7 +190,19 @@ class TrainConfig:
     batch_size: int | None = setting(
         None,
         "--batch-size",
-        "images per step per process (default: 512 on a GPU, 128 on a CPU)",
+        "images per batch per process, what the card must hold (default: 512 on a GPU, 128 on "
+        "a CPU)",
+    )
+    # Gradient accumulation (timm's --grad-accum-steps, the HF Trainer's
+    # gradient_accumulation_steps): for cards that cannot hold the batch. BatchNorm still
+    # normalises each --batch-size batch on its own, as in those tools.
+    accum_steps: int = setting(
+        1,
+        "--accum-steps",
+        "one optimizer step per N batches of --batch-size (their gradients summed): an "
+        "effective batch of batch × N × processes, which the lr scaling follows",
+        low=1,
+        metavar="N",
     )
     freeze_epochs: int = setting(
         1, "--freeze-epochs", "gradual: epochs with the backbone frozen", metavar="N"
@@ -447,6 +459,7 @@ def validate(cfg: Config) -> None:
     check(t.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}")
     check(t.epochs is None or t.epochs >= 1, "--epochs must be at least 1")
     check(t.batch_size is None or t.batch_size >= 1, "--batch-size must be at least 1")
+    check(t.accum_steps >= 1, "--accum-steps must be at least 1")
     check(
         t.eval_batch_size is None or t.eval_batch_size >= 1, "--eval-batch-size must be at least 1"
     )
@@ -518,6 +531,12 @@ def scaled_lr(optimizer: str, global_batch: int) -> float:
     return 0.1 * ratio if optimizer == "sgd" else 1e-3 * ratio**0.5
 
 
+def step_batch(t: TrainConfig) -> int:
+    """Images per optimizer step per process (resolved ``t``): ``--batch-size`` × ``--accum-steps``."""
+    assert t.batch_size is not None, "resolve() sets the batch size"
+    return t.batch_size * t.accum_steps
+
+
 def default_image_size(device_type: str) -> int:
     return 160 if device_type == "cuda" else 64
 
@@ -538,7 +557,7 @@ def resolve(cfg: Config, device_type: str, world_size: int = 1, gpu_batch: int =
         cfg.optim,
         lr=cfg.optim.lr
         if cfg.optim.lr is not None
-        else scaled_lr(cfg.optim.optimizer, batch * world_size),
+        else scaled_lr(cfg.optim.optimizer, batch * cfg.train.accum_steps * world_size),
         weight_decay=(
             cfg.optim.weight_decay
             if cfg.optim.weight_decay is not None

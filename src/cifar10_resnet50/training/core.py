@@ -228,6 +228,8 @@ class StepRecipe:
     label_smoothing: float
     grad_clip: float  # max global gradient norm; 0 = off
     channels_last: bool
+    accum_steps: int = 1  # chunks of the batch whose gradients one step sums (--accum-steps)
+    class_weights: torch.Tensor | None = None  # float [C] on the device: the loss's weights
     # Called after every optimizer step, wherever it runs (the loop, the budget's timing
     # steps, lr-find): tests pass a clock's tick, so time advances per step.
     after: Callable[[], None] | None = None
@@ -245,14 +247,27 @@ def train_step(
 
     ``forward`` is what is called (``model`` itself, or wrapped in DDP and/or compiled);
     ``model``'s parameters are clipped. ``xb``: uint8 [B,3,S,S]; ``target``: int64 [B] or
-    soft labels float [B,C]."""
+    soft labels float [B,C]. With ``recipe.accum_steps`` N > 1 the batch goes through the
+    model in N chunks whose gradients add up to the whole batch's (each chunk's mean loss
+    weighted by its share); under DDP only the last chunk's backward all-reduces."""
     if recipe.channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
-    with autocast(recipe.device, recipe.amp_dtype):
-        logits = forward(xb)  # uint8 [B,3,S,S] → float [B,C]
-    loss = F.cross_entropy(logits.float(), target, label_smoothing=recipe.label_smoothing)
     opt.optimizer.zero_grad(set_to_none=True)
-    opt.scaler.scale(loss).backward()
+    chunks = list(zip(xb.chunk(recipe.accum_steps), target.chunk(recipe.accum_steps), strict=True))
+    losses, outputs = [], []
+    for k, (xc, tc) in enumerate(chunks):
+        with _gradient_sync(forward, last=k == len(chunks) - 1):
+            with autocast(recipe.device, recipe.amp_dtype):
+                logits = forward(xc)  # uint8 [b,3,S,S] → float [b,C]
+            loss = F.cross_entropy(
+                logits.float(), tc, weight=recipe.class_weights,
+                label_smoothing=recipe.label_smoothing,
+            )  # fmt: skip
+            if len(chunks) > 1:
+                loss = loss * (len(xc) / len(xb))
+            opt.scaler.scale(loss).backward()
+        losses.append(loss.detach())
+        outputs.append(logits.detach())
     if recipe.grad_clip > 0:
         opt.scaler.unscale_(opt.optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -261,7 +276,18 @@ def train_step(
     opt.scheduler.step()
     if recipe.after is not None:
         recipe.after()
-    return loss.detach(), logits.detach()
+    if len(chunks) == 1:
+        return losses[0], outputs[0]
+    return torch.stack(losses).sum(), torch.cat(outputs)
+
+
+def _gradient_sync(forward: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` for all but the last chunk of an accumulated step (their gradients
+    stay local and are all-reduced once, with the last chunk's)."""
+    ddp = getattr(forward, "_orig_mod", forward)  # under torch.compile
+    if last or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
 
 
 def wrapped(

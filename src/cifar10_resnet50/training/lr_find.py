@@ -25,7 +25,7 @@ import torch
 
 from .. import data
 from .. import model as model_lib
-from ..config import Config, resolve
+from ..config import Config, resolve, step_batch
 from ..data import augment
 from ..errors import UserError
 from ..fileio import ensure_writable_dir, write_json
@@ -154,11 +154,11 @@ def run(
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_idx, _ = arrays.split(cfg.data.val_size, t.seed, cfg.data.subset)
-    if augment.steps_per_epoch(len(train_idx), t.batch_size) == 0:
-        raise UserError(f"{len(train_idx)} images make no batch of {t.batch_size}")
+    if augment.steps_per_epoch(len(train_idx), step_batch(t)) == 0:
+        raise UserError(f"{len(train_idx)} images make no batch of {step_batch(t)}")
     batches = core.Batches(
         arrays.train_x.to(device), arrays.train_y.to(device), train_idx.to(device),
-        batch_size=t.batch_size, seed=t.seed, augment=cfg.augment,
+        batch_size=step_batch(t), seed=t.seed, augment=cfg.augment,
         num_classes=len(arrays.classes),
     )  # fmt: skip
     frozen = core.frozen_at(t.strategy, 0, t.freeze_epochs)

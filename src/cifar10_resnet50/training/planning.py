@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import RunState
-from ..config import parse_duration
+from ..config import parse_duration, step_batch
 from ..data import augment
 from ..errors import UserError
 from ..fileio import save_torch, write_json
@@ -164,9 +164,9 @@ def plan_budget(t: Trainer, auto_size: bool, final_eval: bool) -> None:
     budget_s = parse_duration(tc.budget)
     shape = budget.Shape(
         full_steps=augment.steps_per_epoch(
-            len(t.split.train_idx), tc.batch_size, t.process.world_size
+            len(t.split.train_idx), step_batch(tc), t.process.world_size
         ),
-        global_batch=tc.batch_size * t.process.world_size,
+        global_batch=step_batch(tc) * t.process.world_size,
         val_images=len(t.split.val_x),
         test_images=min(len(t.split.arrays.test_x), tc.test_images or 10**9) if final_eval else 0,
         strategy=tc.strategy,

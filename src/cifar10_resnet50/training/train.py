@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint, runtime
-from ..config import Config, default_image_size, resolve
+from ..config import Config, TrainConfig, default_image_size, resolve, step_batch
 from ..data import cifar10
 from ..errors import UserError
 from ..evaluation import evaluate
@@ -256,9 +256,15 @@ def _describe(t: Trainer) -> str:
     return (
         f"training resnet50 on {t.device} ({precision}), {t.cfg.model.image_size} px"
         f"{progressive}, strategy {tc.strategy}, {tc.epochs} epochs × {t.steps_per_epoch} steps, "
-        f"batch {tc.batch_size} × {world} process(es) = {tc.batch_size * world}, weights "
+        f"batch {_batch_text(tc)} × {world} process(es) = {step_batch(tc) * world}, weights "
         f"{t.meta['weights']}, {images} → {t.out}"
     )
+
+
+def _batch_text(tc: TrainConfig) -> str:
+    if tc.accum_steps == 1:
+        return str(tc.batch_size)
+    return f"{tc.batch_size} × {tc.accum_steps} accumulated"
 
 
 def _finish(t: Trainer, final_eval: bool, stopped: bool) -> evaluate.EvalReport | None:

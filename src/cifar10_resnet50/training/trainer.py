@@ -17,7 +17,7 @@ import torch
 
 from .. import checkpoint, data, runtime
 from .. import model as model_lib
-from ..config import Config
+from ..config import Config, step_batch
 from ..data import augment
 from ..errors import UserError
 from ..evaluation import evaluate
@@ -166,13 +166,13 @@ def model_meta(cfg: Config, arrays: data.Arrays) -> dict:
 
 def steps_per_epoch(cfg: Config, train_images: int, world_size: int) -> int:
     t = cfg.train
-    steps = augment.steps_per_epoch(train_images, t.batch_size, world_size)
+    steps = augment.steps_per_epoch(train_images, step_batch(t), world_size)
     if t.steps_per_epoch is not None:
         steps = min(steps, t.steps_per_epoch)
     if steps == 0 and t.strategy != "linear":  # the probe fits on all images at once
         raise UserError(
-            f"{train_images} training images make no full batch of {t.batch_size} × "
-            f"{world_size} process(es); lower --batch-size or raise --subset"
+            f"{train_images} training images make no full step of {step_batch(t)} × "
+            f"{world_size} process(es); lower --batch-size (or --accum-steps) or raise --subset"
         )
     return steps
 
@@ -225,7 +225,7 @@ def build(
         model=model, opt=opt, recipe=step_recipe(cfg, device, amp_dtype, after_step),
         batches=core.Batches(
             *_training_images(arrays, train_idx, device, t.batch_size, cfg.model.image_size),
-            batch_size=t.batch_size, seed=t.seed, augment=cfg.augment,
+            batch_size=step_batch(t), seed=t.seed, augment=cfg.augment,
             num_classes=len(arrays.classes), rank=process.rank,
             world_size=process.world_size, steps=steps, device=device,
         ),
@@ -267,6 +267,7 @@ def step_recipe(
         label_smoothing=cfg.optim.label_smoothing,
         grad_clip=cfg.optim.grad_clip,
         channels_last=cfg.train.channels_last,
+        accum_steps=cfg.train.accum_steps,
         after=after,
     )
 
