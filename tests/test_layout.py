@@ -91,6 +91,7 @@ TRAINING_LAYERS = {
     "callbacks": 0,
     "compile_policy": 0,
     "metrics": 0,
+    "ema": 0,
     "core": 1,
     "board": 1,
     "trainer": 2,

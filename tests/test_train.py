@@ -54,6 +54,7 @@ def _assert_same_weights(a, b):
         ({}, 5),  # mid-epoch 2
         ({}, 4),  # exactly at the end of epoch 1, before its validation
         ({"train.strategy": "gradual", "augment.mixup": 0.5, "augment.cutmix": 1.0}, 6),
+        ({"train.ema": 0.9}, 5),  # the weight EMA (validated, best.pt) resumes too
         # epoch 1 at 32 px, stopped in epoch 2 at 64 px
         ({"train.progressive": True, "model.image_size": 64}, 5),
         ({"train.progressive": True, "model.image_size": 64, "train.steps_per_epoch": 3}, 4),
@@ -72,6 +73,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bit_for_bit(
 
     a, b = _state(full.last), _state(resumed.last)
     _assert_same_weights(a["model"], b["model"])
+    if "ema" in a["train_state"]:
+        assert a["train_state"]["ema"]["updates"] == b["train_state"]["ema"]["updates"] == 8
+        _assert_same_weights(a["train_state"]["ema"]["weights"], b["train_state"]["ema"]["weights"])
     for sa, sb in zip(
         a["train_state"]["optimizer"]["state"].values(),
         b["train_state"]["optimizer"]["state"].values(),

@@ -8,7 +8,7 @@ Layout (version 1)::
     model        the Classifier's state dict
     config       the resolved run config, as a dict
     versions     torch / torchvision / cifar10_resnet50 versions that wrote it
-    train_state  (last.pt only) optimizer, scheduler, grad scaler, RNG states,
+    train_state  (last.pt only) optimizer, scheduler, grad scaler, weight EMA (--ema), RNG state,
                  position (epoch, batch, step), best validation accuracy, partial-epoch sums
     metrics      (best.pt only) the metrics.jsonl row of the epoch it was saved at
 
@@ -198,11 +198,14 @@ class Saver:
             return None
         weights = host_copy(model.state_dict())
         _refuse_non_finite(self.last, weights)
+        opt_state = host_copy(opt.state_dict())  # optimizer, scheduler, scaler (and ema)
+        # With --ema the averaged weights are what the run validates, so what best.pt keeps.
+        evaluated = opt_state["ema"]["weights"] if "ema" in opt_state else weights
         # The CPU generator only. Training draws every random number on the device from
         # generators keyed by (seed, epoch, batch) (data.augment), so the CUDA states are never
         # needed, and restoring one per GPU failed when fewer GPUs were visible at resume.
         train_state = {
-            **host_copy(opt.state_dict()),  # optimizer, scheduler, scaler
+            **opt_state,
             "rng": {"torch": torch.get_rng_state()},
             "epoch": state.epoch,
             "batch": state.batch,
@@ -216,7 +219,7 @@ class Saver:
             "model_meta": self.meta, "model": weights, "config": self.config,
             "train_state": train_state,
         }  # fmt: skip
-        return Snapshot(last, weights if best else None)
+        return Snapshot(last, evaluated if best else None)
 
     def write(self, snap: Snapshot | None, best_row: dict[str, Any] | None = None) -> None:
         """Write ``snap`` on the writer thread (after the write before it): ``last.pt``, then
@@ -280,7 +283,7 @@ class Saver:
                 "new run."
             )
         model.load_state_dict(saved["model"])
-        opt.load_state_dict({k: ts[k] for k in ("optimizer", "scheduler", "scaler")})
+        opt.load_state_dict({k: ts[k] for k in ("optimizer", "scheduler", "scaler", "ema") if k in ts})
         torch.set_rng_state(ts["rng"]["torch"])  # a "cuda" entry (older files) is not used
         return RunState(
             ts["epoch"],

@@ -239,6 +239,15 @@ class TrainConfig:
         "given",
         metavar="TIME",
     )
+    # Off until measured here to help (BENCHMARKS.md, "Weight EMA"); timm and the
+    # ConvNeXt/DeiT recipes use 0.9998-0.99996 over hundreds of epochs.
+    ema: float = setting(
+        0.0,
+        "--ema",
+        "weight EMA with this decay (e.g. 0.999; timm's warm-up): validation, best.pt and the "
+        "test report use the averaged weights; 0 = off",
+        metavar="DECAY",
+    )
     progressive: bool = setting(
         False,
         "--progressive",
@@ -460,6 +469,12 @@ def validate(cfg: Config) -> None:
     check(t.epochs is None or t.epochs >= 1, "--epochs must be at least 1")
     check(t.batch_size is None or t.batch_size >= 1, "--batch-size must be at least 1")
     check(t.accum_steps >= 1, "--accum-steps must be at least 1")
+    check(0 <= t.ema < 1, "--ema is a decay in [0, 1): e.g. 0.999; 0 = off")
+    check(
+        not (t.ema and t.strategy == "linear"),
+        "--ema averages the weights of training steps; --strategy linear fits its head on "
+        "cached features instead: drop --ema",
+    )
     check(
         t.eval_batch_size is None or t.eval_batch_size >= 1, "--eval-batch-size must be at least 1"
     )

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import model as model_lib
+from .ema import WeightAverage
 from ..config import AugmentConfig, OptimConfig
 from ..data import augment
 from ..runtime import autocast
@@ -93,11 +94,13 @@ def make_scheduler(
 
 @dataclasses.dataclass
 class Optimization:
-    """Optimizer, lr schedule and gradient scaler: what one step updates besides the weights."""
+    """Optimizer, lr schedule, gradient scaler and the weight EMA (``--ema``): what one step
+    updates besides the weights."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    ema: WeightAverage | None = None
 
     @classmethod
     def build(
@@ -111,11 +114,13 @@ class Optimization:
         amp_dtype: torch.dtype | None,
         device_type: str,
         schedule: Callable[[int], float] | None = None,
+        ema: float = 0.0,
     ) -> Optimization:
         """From the optimizer settings (``o.lr`` resolved): the backbone at ``lr ×
         backbone_lr_scale`` when pretrained; ``head_only`` leaves the backbone out (the
         linear strategy); ``schedule``, a factor per step, replaces ``o.schedule``'s (lr-find's
-        exponential sweep)."""
+        exponential sweep); ``ema``: the weight EMA's decay (0: none), averaging ``model`` as it
+        is now (on its device, in its memory format)."""
         backbone_lr = o.lr * (o.backbone_lr_scale if pretrained else 1.0)
         groups = param_groups(model, o.lr, backbone_lr, o.weight_decay)
         if head_only:
@@ -127,7 +132,7 @@ class Optimization:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         # Loss scaling only for fp16: bf16 has fp32's range.
         scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
-        return cls(optimizer, scheduler, scaler)
+        return cls(optimizer, scheduler, scaler, WeightAverage(model, ema) if ema else None)
 
     def rescheduled(self, o: OptimConfig, total_steps: int) -> None:
         """The schedule for ``total_steps`` in all, at the current step: as built on resume
@@ -142,16 +147,25 @@ class Optimization:
 
     def state_dict(self) -> dict[str, Any]:
         """What ``last.pt`` saves of it (``train_state``'s optimizer, scheduler and scaler)."""
-        return {
+        state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def evaluated(self, model: model_lib.Classifier) -> model_lib.Classifier:
+        """The model a run validates and keeps as best: the weight EMA's, else ``model``."""
+        return model if self.ema is None else self.ema.module
 
     @property
     def lr(self) -> float:
@@ -274,6 +288,8 @@ def train_step(
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.scheduler.step()
+    if opt.ema is not None:
+        opt.ema.update(model)
     if recipe.after is not None:
         recipe.after()
     if len(chunks) == 1:

@@ -203,6 +203,9 @@ def end_epoch(
     improved = row["val_acc"] is not None and (
         state.best_val_acc is None or row["val_acc"] > state.best_val_acc
     )
+    # Without a validation split, --ema's averaged weights still go to best.pt, each epoch:
+    # the model the run reports on and hands to predict/export is the averaged one.
+    improved = improved or (row["val_acc"] is None and t.opt.ema is not None)
     state.next_epoch()
     if improved:
         state.best_val_acc, state.best_epoch = row["val_acc"], state.epoch
@@ -265,7 +268,7 @@ def _validate(t: Trainer) -> tuple[float | None, float | None, torch.Tensor | No
     s = t.split
     if not len(s.val_idx):
         return None, None, None
-    logits = t.logits(s.val_x)
+    logits = t.logits(s.val_x, t.opt.evaluated(t.model))
     if len(s.val_y):
         loss_sum = F.cross_entropy(logits, s.val_y, reduction="sum").item()
         correct = float((logits.argmax(1) == s.val_y).sum())
@@ -282,8 +285,9 @@ def _average_bn_buffers(t: Trainer) -> None:
     rank validates and saves the same model. A no-op alone or with ``--sync-bn``."""
     if not t.process.distributed:
         return
+    models = {id(m): m for m in (t.model, t.opt.evaluated(t.model))}.values()  # and the EMA
     buffers = [
-        buf for name, buf in t.model.named_buffers()
+        buf for model in models for name, buf in model.named_buffers()
         if buf.is_floating_point() and ("running_mean" in name or "running_var" in name)
     ]  # fmt: skip
     # One collective for all of them (ResNet-50: 106 buffers, 53k floats): one launch and one

@@ -365,7 +365,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_resume_config(saved: dict[str, Any], requested: Config) -> list[str]:
     """Keys that differ between the saved and the requested config; error if any matters."""
-    a, b = _flatten(saved), _flatten(requested.to_dict())
+    # A setting added since the run was saved counts as its default (what the run used).
+    a = {**_flatten(Config().to_dict()), **_flatten(saved)}
+    b = _flatten(requested.to_dict())
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     blocking = [k for k in changed if k not in RESUMABLE_CHANGES]
     if blocking:

@@ -97,10 +97,11 @@ class Trainer:
             self.frozen, self.compile.changed = frozen, False
         return self.forward
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The model's logits for uint8 images (CPU), batched as the run evaluates."""
+    def logits(self, images: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """``model``'s logits (default: the trained model's) for uint8 images (CPU), batched
+        as the run evaluates."""
         return evaluate.predict_logits(
-            self.model, images, batch_size=self.cfg.train.eval_batch_size, device=self.device,
+            self.model if model is None else model, images, batch_size=self.cfg.train.eval_batch_size, device=self.device,
             amp_dtype=self.amp_dtype, channels_last=self.cfg.train.channels_last,
         )  # fmt: skip
 
@@ -211,7 +212,7 @@ def build(
     opt = core.Optimization.build(
         model, cfg.optim, pretrained=cfg.model.weights != "none",
         head_only=t.strategy == "linear", total_steps=steps * t.epochs, amp_dtype=amp_dtype,
-        device_type=device.type,
+        device_type=device.type, ema=t.ema,
     )  # fmt: skip
     meta = model_meta(cfg, arrays)
     split = Split(arrays, train_idx, val_idx, arrays.train_x[shard], arrays.train_y[shard])
