@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from cifar10_resnet50.config import AugmentConfig
 import torch.nn.functional as F
 
 from cifar10_resnet50 import data
@@ -329,7 +331,7 @@ def test_training_rows_picked_per_batch_equal_a_copied_split():
     x = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(100) % 10
     rows = torch.randperm(100, generator=torch.Generator().manual_seed(3))[:70]
-    kw = dict(batch_size=16, seed=1, epoch=2, mixup=0.4, num_classes=10)
+    kw = dict(batch_size=16, seed=1, epoch=2, recipe=AugmentConfig(mixup=0.4), num_classes=10)
     copied = list(augment.train_batches(x[rows], y[rows], **kw))
     picked = list(augment.train_batches(x, y, rows=rows, **kw))
     assert len(picked) == len(copied) == 4

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifar10_resnet50.config import AugmentConfig
+
 from cifar10_resnet50 import checkpoint
 from cifar10_resnet50.data import augment
 
@@ -189,7 +191,7 @@ def test_global_batches_are_sliced_from_one_augmented_batch(world):
 
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(64) % 10
-    kw = dict(seed=3, epoch=1, mixup=0.4, cutmix=1.0, num_classes=10)
+    kw = dict(seed=3, epoch=1, recipe=AugmentConfig(mixup=0.4, cutmix=1.0), num_classes=10)
     whole = list(augment.train_batches(x, y, batch_size=8 * world, **kw))
     parts = [list(augment.train_batches(x, y, batch_size=8, rank=r, world_size=world, **kw))
              for r in range(world)]  # fmt: skip

@@ -55,6 +55,7 @@ def _assert_same_weights(a, b):
         ({}, 4),  # exactly at the end of epoch 1, before its validation
         ({"train.strategy": "gradual", "augment.mixup": 0.5, "augment.cutmix": 1.0}, 6),
         ({"train.ema": 0.9}, 5),  # the weight EMA (validated, best.pt) resumes too
+        ({"augment.policy": "trivial", "augment.resized_crop": 0.35}, 6),
         # epoch 1 at 32 px, stopped in epoch 2 at 64 px
         ({"train.progressive": True, "model.image_size": 64}, 5),
         ({"train.progressive": True, "model.image_size": 64, "train.steps_per_epoch": 3}, 4),

@@ -103,10 +103,7 @@ def _show(show: Any, a: AugmentConfig, arrays: Any) -> None:
     from .fileio import prepare_output
 
     prepare_output(show.out, [], "--out")
-    images, titles = augment.sample_batch(
-        arrays, n=show.n, seed=show.seed, padding=a.crop_padding, flip=a.flip, mixup=a.mixup,
-        cutmix=a.cutmix,
-    )  # fmt: skip
+    images, titles = augment.sample_batch(arrays, n=show.n, seed=show.seed, recipe=a)
     plots.grid_png(images, titles, show.out)
     print(f"{len(images)} augmented training images → {show.out}")
 

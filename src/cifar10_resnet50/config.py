@@ -30,6 +30,7 @@ SCHEDULES = ("cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE = ("auto", "on", "off")
+AUGMENT_POLICIES = ("none", "trivial", "randaugment")  # --augment (data/policies.py)
 PROBE_SOLVERS = ("lbfgs", "adamw")
 
 
@@ -173,6 +174,22 @@ class AugmentConfig:
     # BiT uses mixup 0.1 on CIFAR-10.
     mixup: float = setting(0.0, "--mixup", "mixup Beta(α,α); 0 = off", metavar="ALPHA")
     cutmix: float = setting(0.0, "--cutmix", "CutMix Beta(α,α); 0 = off", metavar="ALPHA")
+    # Per image, on the device (data/policies.py); measured here before any default changes
+    # (BENCHMARKS.md, "TrivialAugment and EMA at the first-hour scale").
+    policy: str = setting(
+        "none",
+        "--augment",
+        "per-image policy after the crop and flip: trivial (TrivialAugment-Wide) or "
+        "randaugment (2 ops at magnitude 9)",
+        choices=AUGMENT_POLICIES,
+    )
+    resized_crop: float = setting(
+        0.0,
+        "--resized-crop",
+        "random-resized-crop instead of the padded crop: a crop of MIN..1 of each image's "
+        "area (aspect 3/4..4/3) resized back; 0 = off",
+        metavar="MIN",
+    )
 
 
 @dataclass(frozen=True)
@@ -510,6 +527,8 @@ def validate(cfg: Config) -> None:
     check(0 <= o.label_smoothing < 1, "--label-smoothing must be in [0, 1)")
     check(o.backbone_lr_scale > 0, "--backbone-lr-scale must be positive")
     check(0 <= a.crop_padding <= 16, "--crop-padding must be in 0..16")
+    check(a.policy in AUGMENT_POLICIES, f"--augment must be one of {AUGMENT_POLICIES}")
+    check(0 <= a.resized_crop < 1, "--resized-crop is the smallest area kept, in (0, 1); 0 = off")
     check(a.mixup >= 0 and a.cutmix >= 0, "--mixup/--cutmix alpha must be 0 (off) or positive")
     check(d.val_size is None or d.val_size >= 0, "--val-size must be 0 or more")
     check(d.test_size is None or d.test_size >= 1, "--test-size must be at least 1")

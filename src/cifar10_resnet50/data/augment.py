@@ -2,7 +2,8 @@
 
 Written by hand for speed, as airbench does: the whole training split lives on the training
 device as one uint8 tensor (CIFAR-10: 45,000×3×32×32 = 138 MB), and a batch is an index into
-it plus a few batched tensor ops (crop, flip, mixup/CutMix). No PIL, no DataLoader, no
+it plus a few batched tensor ops (crop, flip, the per-image policies of ``policies``,
+mixup/CutMix). No PIL, no DataLoader, no
 per-image Python. :func:`train_batches` is the one place that calls them.
 """
 
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..config import AugmentConfig
+from . import policies
 from .dataset import Arrays
 
 # ``--crop-padding`` is given in pixels of a 32 px image (the usual CIFAR convention) and
@@ -114,10 +117,7 @@ def train_batches(
     seed: int,
     epoch: int,
     start: int = 0,
-    padding: int = 4,
-    flip: bool = True,
-    mixup: float = 0.0,
-    cutmix: float = 0.0,
+    recipe: AugmentConfig = AugmentConfig(),
     num_classes: int | None = None,  # for mixup/CutMix's soft targets
     rank: int = 0,
     world_size: int = 1,
@@ -125,17 +125,16 @@ def train_batches(
     rows: torch.Tensor | None = None,
     device: torch.device | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(batch_index, images, labels, targets)`` for one epoch, from batch ``start`` on.
-    ``rows``: the images of ``x`` to train on (int64 on ``x``'s device; default all), picked
-    per batch so the training split needs no copy of its own: the batches equal those of
-    ``x[rows]``.
+    """Yield ``(batch_index, images, labels, targets)`` for one epoch, from batch ``start`` on,
+    augmented as ``recipe`` says (:func:`augment_batch`). ``rows``: the images of ``x`` to
+    train on (int64 on ``x``'s device; default all), picked per batch so the training split
+    needs no copy of its own: the batches equal those of ``x[rows]``.
 
     ``x``: uint8 [N,3,S,S] on the training ``device`` (default: ``x``'s), or in pinned host
     memory when the images do not fit on the GPU: each batch is then gathered on the host and
     copied asynchronously, and augmented on the device as before (the same random numbers,
-    drawn there). ``targets`` are the labels, or soft
-    labels float [B,C] with mixup/CutMix. The last incomplete batch is dropped (a BatchNorm
-    batch of 1 is undefined).
+    drawn there). ``targets`` are the labels, or soft labels float [B,C] with mixup/CutMix.
+    The last incomplete batch is dropped (a BatchNorm batch of 1 is undefined).
 
     With torchrun, a step's *global* batch (``batch_size × world_size`` images of one global
     order) is augmented and mixed as a whole, with randomness keyed by (seed, epoch, batch),
@@ -152,36 +151,45 @@ def train_batches(
     full = steps_per_epoch(n, batch_size, world_size)
     steps = full if steps is None else min(steps, full)  # fewer: the epoch's first batches
     global_batch = batch_size * world_size
-    pad = scaled_padding(padding, x.shape[-1])
     device = x.device if device is None else device
     streamed = device != x.device
     for i in range(start, steps):
         idx = order[i * global_batch : (i + 1) * global_batch]
-        key = batch_seed(seed, epoch, i)
-        gen = torch.Generator(device=device).manual_seed(key)
         xb, yb = x[idx], y[idx]  # uint8 [B×W,3,S,S], int64 [B×W]
         if streamed:  # host → device; pinned, so the copy overlaps the device's work
             xb = xb.pin_memory().to(device, non_blocking=True)
             yb = yb.pin_memory().to(device, non_blocking=True)
-        xb = random_crop_flip(xb, gen, pad, flip)
-        target = yb
-        if mixup > 0 or cutmix > 0:
-            assert num_classes is not None, "mixup/CutMix need num_classes"
-            mix_gen = torch.Generator(device=device).manual_seed(key + 1)
-            xb, target = mix_batch(xb, yb, num_classes, key, mix_gen, mixup, cutmix)
+        xb, target = augment_batch(xb, yb, batch_seed(seed, epoch, i), recipe, num_classes)
         mine = slice(rank * batch_size, (rank + 1) * batch_size)
         yield i, xb[mine], yb[mine], target[mine]
 
 
+def augment_batch(
+    xb: torch.Tensor, yb: torch.Tensor, key: int, recipe: AugmentConfig, num_classes: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch through the recipe, on its device, each step from a generator seeded by
+    ``key`` (so resuming anywhere replays it): the padded crop or random-resized-crop, the
+    flip, the per-image policy (TrivialAugment/RandAugment), then mixup/CutMix. uint8
+    [B,3,S,S], int64 [B] → uint8 [B,3,S,S] and the targets (labels, or soft float [B,C])."""
+    device = xb.device
+    gen = torch.Generator(device=device).manual_seed(key)
+    if recipe.resized_crop > 0:
+        xb = policies.random_resized_crop(xb, gen, recipe.resized_crop)
+        xb = random_crop_flip(xb, gen, 0, recipe.flip)
+    else:
+        xb = random_crop_flip(xb, gen, scaled_padding(recipe.crop_padding, xb.shape[-1]), recipe.flip)
+    if recipe.policy != "none":
+        policy_gen = torch.Generator(device=device).manual_seed(key + 2)
+        xb = policies.apply_policy(xb, policy_gen, recipe.policy)
+    if recipe.mixup > 0 or recipe.cutmix > 0:
+        assert num_classes is not None, "mixup/CutMix need num_classes"
+        mix_gen = torch.Generator(device=device).manual_seed(key + 1)
+        return mix_batch(xb, yb, num_classes, key, mix_gen, recipe.mixup, recipe.cutmix)
+    return xb, yb
+
+
 def sample_batch(
-    arrays: Arrays,
-    *,
-    n: int,
-    seed: int,
-    padding: int,
-    flip: bool,
-    mixup: float = 0.0,
-    cutmix: float = 0.0,
+    arrays: Arrays, *, n: int, seed: int, recipe: AugmentConfig
 ) -> tuple[torch.Tensor, list[str]]:
     """The first ``n`` images of epoch 0's first batch, augmented exactly as training does
     (fastai's ``show_batch``), with their label (or the two mixed labels and weights)."""
@@ -191,15 +199,12 @@ def sample_batch(
         batch_size=n,
         seed=seed,
         epoch=0,
-        padding=padding,
-        flip=flip,
-        mixup=mixup,
-        cutmix=cutmix,
+        recipe=recipe,
         num_classes=len(arrays.classes),
     )
     _, xb, yb, soft = next(batches)
     titles = [arrays.classes[y] for y in yb.tolist()]
-    if mixup > 0 or cutmix > 0:
+    if recipe.mixup > 0 or recipe.cutmix > 0:
         titles = []
         for row in soft:
             w, idx = row.topk(2)

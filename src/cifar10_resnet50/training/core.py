@@ -215,11 +215,9 @@ class Batches:
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(batch index, images, labels, targets)`` from batch ``start`` to the epoch's end;
         targets are soft labels float [B,C] under mixup/CutMix, else the labels."""
-        a = self.augment
         return augment.train_batches(
             self.x, self.y, batch_size=self.batch_size, seed=self.seed, epoch=epoch,
-            start=start, padding=a.crop_padding, flip=a.flip, mixup=a.mixup, cutmix=a.cutmix,
-            num_classes=self.num_classes, rank=self.rank, world_size=self.world_size,
+            start=start, recipe=self.augment, num_classes=self.num_classes, rank=self.rank, world_size=self.world_size,
             steps=self.steps, rows=self.rows, device=self.device,
         )  # fmt: skip
 
