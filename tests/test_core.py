@@ -135,7 +135,9 @@ def test_accumulated_chunks_make_the_step_of_the_whole_batch(soft):
         assert torch.allclose(chunked[k], whole[k], atol=1e-6, rtol=1e-4), k
 
 
-def test_accum_steps_make_the_effective_batch_that_steps_and_the_lr_follow(synthetic_root, tmp_path):
+def test_accum_steps_make_the_effective_batch_that_steps_and_the_lr_follow(
+    synthetic_root, tmp_path
+):
     """A run with --batch-size 8 --accum-steps 2 steps on 16 images at a time: the steps per
     epoch and the default lr are those of --batch-size 16."""
     base = tiny(synthetic_root, tmp_path / "a", **{"train.batch_size": 16})

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cifar10_resnet50.config import AugmentConfig
 import torch.nn.functional as F
 
 from cifar10_resnet50 import data
+from cifar10_resnet50.config import AugmentConfig
 from cifar10_resnet50.data import augment, cifar10
 from cifar10_resnet50.errors import UserError
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar10_resnet50.config import AugmentConfig
-
 from cifar10_resnet50 import checkpoint
+from cifar10_resnet50.config import AugmentConfig
 from cifar10_resnet50.data import augment
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))

@@ -180,7 +180,7 @@ def test_strict_refuses_and_fewer_than_two_classes_is_one_line(folder_copy, tmp_
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="no such folder"):
         data.check(f"folder:{tmp_path / 'missing'}", None)
-    with pytest.raises(UserError, match="cifar10 or folder:PATH"):
+    with pytest.raises(UserError, match="cifar10, folder:PATH"):
         data.check("imagenet", None)
 
 
@@ -331,7 +331,7 @@ def test_cli_describes_a_folder_and_refuses_a_missing_one_in_one_line(image_fold
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no such folder" in errors[0]
     proc = _cli("train", "--store-size", "40", "--weights", "none")
-    assert proc.returncode == 2 and "are for --data folder:PATH" in proc.stderr
+    assert proc.returncode == 2 and "are for your own images (folder:PATH, csv:FILE)" in proc.stderr
 
 
 def test_torchrun_trains_on_a_folder_through_the_same_path(image_folder, tmp_path):

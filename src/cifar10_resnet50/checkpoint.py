@@ -283,7 +283,9 @@ class Saver:
                 "new run."
             )
         model.load_state_dict(saved["model"])
-        opt.load_state_dict({k: ts[k] for k in ("optimizer", "scheduler", "scaler", "ema") if k in ts})
+        opt.load_state_dict(
+            {k: ts[k] for k in ("optimizer", "scheduler", "scaler", "ema") if k in ts}
+        )
         torch.set_rng_state(ts["rng"]["torch"])  # a "cuda" entry (older files) is not used
         return RunState(
             ts["epoch"],

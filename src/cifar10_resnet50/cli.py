@@ -142,7 +142,7 @@ def _data_parsers(sub: Any) -> None:
         "data",
         help="download or verify CIFAR-10; describe or show any data source",
         description="Get and check CIFAR-10 (official archive or a local copy); describe or "
-        "show CIFAR-10 or a folder of your images (--data folder:PATH).",
+        "show CIFAR-10 or a folder of your images (--data folder:PATH or csv:FILE).",
     )
     actions = d.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, text in (
@@ -166,7 +166,7 @@ def _data_parsers(sub: Any) -> None:
 def _train_parsers(sub: Any) -> None:
     t = _SUBPARSERS["train"] = sub.add_parser(
         "train",
-        help="fine-tune ResNet-50 on CIFAR-10 or a folder of images (--data folder:PATH)",
+        help="fine-tune ResNet-50 on CIFAR-10 or your own images (--data folder:PATH or csv:FILE)",
         description="Fine-tune ResNet-50 on CIFAR-10 or a folder of your images, then evaluate "
         "the best checkpoint on the test set. "
         "Defaults: see src/cifar10_resnet50/config.py and the README.",

@@ -66,8 +66,9 @@ class DataConfig:
     source: str = setting(
         "cifar10",
         "--data",
-        "cifar10, or folder:PATH for your own images (PATH/<class>/*.jpg, or PATH/train/ and "
-        "PATH/test/ [and PATH/val/] of that shape)",
+        "cifar10, or your own images: folder:PATH (PATH/<class>/*.jpg, or PATH/train/ and "
+        "PATH/test/ [and PATH/val/] of that shape) or csv:FILE (a header row, then path,label "
+        "rows [,split]; paths relative to the file)",
         metavar="SOURCE",
     )
     data_dir: str | None = data_dir_setting()
@@ -537,13 +538,13 @@ def validate(cfg: Config) -> None:
         f"--store-size must be in {low}..{high}",
     )
     check(
-        d.source == "cifar10" or d.source.startswith("folder:"),
-        f"--data {d.source!r}: use cifar10 or folder:PATH (a folder of images)",
+        d.source == "cifar10" or d.source.startswith(("folder:", "csv:")),
+        f"--data {d.source!r}: use cifar10, folder:PATH (a folder of images) or csv:FILE "
+        "(rows of path,label)",
     )
     check(
-        d.source.startswith("folder:")
-        or (d.store_size, d.test_size, d.strict) == (None, None, False),
-        "--store-size, --test-size and --strict are for --data folder:PATH",
+        d.source != "cifar10" or (d.store_size, d.test_size, d.strict) == (None, None, False),
+        "--store-size, --test-size and --strict are for your own images (folder:PATH, csv:FILE)",
     )
     check(d.subset is None or d.subset >= 1, "--subset must be at least 1")
     check(t.threads is None or t.threads >= 1, "--threads must be at least 1")

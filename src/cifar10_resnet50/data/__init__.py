@@ -3,6 +3,7 @@ in-memory :class:`Arrays` (uint8 ``[N,3,S,S]`` images, labels, class names, stor
 
 * :mod:`.cifar10` — the default: download, verification, the official batches;
 * :mod:`.folder` — ``folder:PATH``, the user's own images, decoded once on all cores;
+* :mod:`.table` — ``csv:FILE``, the same from a list of (path, label) rows;
 
 and what every source shares: :mod:`.dataset` (``Arrays``, seeded stratified splits),
 :mod:`.cache` (the uint8 tensor cache) and :mod:`.augment` (batched on-device crop, flip,
@@ -11,12 +12,13 @@ mixup and CutMix, and the epoch's batches).
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from . import cifar10, folder
+from . import cifar10, folder, table
 from .cache import user_cache_dir
 from .dataset import Arrays, content_digest, stratified_split
 
@@ -40,8 +42,15 @@ def check(source: str, data_dir: str | None) -> None:
     if root is not None:
         folder.check(root)
         return
+    listed = table.parse(source)
+    if listed is not None:
+        table.check(listed)
+        return
     if source != "cifar10":
-        raise UserError(f"--data {source!r}: use cifar10 or folder:PATH (a folder of images)")
+        raise UserError(
+            f"--data {source!r}: use cifar10, folder:PATH (a folder of images) or csv:FILE "
+            "(rows of path,label)"
+        )
     cifar10.check_download_target(cifar10.resolve_data_dir(data_dir), explicit=data_dir is not None)
 
 
@@ -55,20 +64,28 @@ def load(
     strict: bool = False,
     progress: bool = True,
 ) -> Arrays:
-    """The dataset ``source`` names (``cifar10`` or ``folder:PATH``), as uint8 tensors; a
-    folder's report (classes, counts, every file left out and why) is logged."""
-    root = folder.parse(source)
-    if root is None:
+    """The dataset ``source`` names (``cifar10``, ``folder:PATH`` or ``csv:FILE``), as uint8
+    tensors; the report of one's own images (classes, counts, every file left out and why)
+    is logged."""
+    root, listed = folder.parse(source), table.parse(source)
+    if root is None and listed is None:
         if store_size not in (None, cifar10.IMAGE_SIZE) or test_size is not None:
-            raise UserError("--store-size and --test-size are for --data folder:PATH")
+            raise UserError(
+                "--store-size and --test-size are for your own images (folder:PATH, csv:FILE)"
+            )
         path = cifar10.resolve_data_dir(data_dir)
         if not cifar10.is_present(path) and download:
             cifar10.download(path, progress=progress)
         return cifar10.load(path)
     if store_size is None:
-        raise UserError("--data folder:PATH needs a stored image size (--store-size)")
-    arrays, report = folder.load(
-        root, store_size=store_size, test_size=test_size, strict=strict, progress=progress
+        raise UserError(f"--data {source} needs a stored image size (--store-size)")
+    loader = (
+        functools.partial(folder.load, root)
+        if root is not None
+        else functools.partial(table.load, listed)
+    )
+    arrays, report = loader(
+        store_size=store_size, test_size=test_size, strict=strict, progress=progress
     )
     log.info("%s", report.summary())
     for line in report.lines():
@@ -86,7 +103,7 @@ def for_model(
     ``source`` when given; refused when its classes or image size are not the model's."""
     recorded = meta.get("data") or {"source": "cifar10"}  # older checkpoints: CIFAR-10
     source = source or recorded["source"]
-    is_folder = folder.parse(source) is not None
+    is_folder = source != "cifar10"  # one's own images, stored at the model's input size
     arrays = load(
         source,
         data_dir=data_dir,
@@ -109,6 +126,8 @@ def for_model(
 
 
 def label(source: str) -> str:
-    """A short name for messages: "CIFAR-10" or the folder's name."""
-    root = folder.parse(source)
-    return "CIFAR-10" if root is None else f"folder {Path(root).name or root}"
+    """A short name for messages: "CIFAR-10", the folder's or the list's name."""
+    root, listed = folder.parse(source), table.parse(source)
+    if root is not None:
+        return f"folder {Path(root).name or root}"
+    return "CIFAR-10" if listed is None else f"list {listed.name}"

@@ -23,6 +23,9 @@ from .dataset import Arrays
 PADDING_REFERENCE = 32
 
 
+PLAIN = AugmentConfig()  # the default recipe: padded crop and flip
+
+
 def scaled_padding(padding: int, image_size: int) -> int:
     return round(padding * image_size / PADDING_REFERENCE)
 
@@ -117,7 +120,7 @@ def train_batches(
     seed: int,
     epoch: int,
     start: int = 0,
-    recipe: AugmentConfig = AugmentConfig(),
+    recipe: AugmentConfig = PLAIN,
     num_classes: int | None = None,  # for mixup/CutMix's soft targets
     rank: int = 0,
     world_size: int = 1,
@@ -177,7 +180,9 @@ def augment_batch(
         xb = policies.random_resized_crop(xb, gen, recipe.resized_crop)
         xb = random_crop_flip(xb, gen, 0, recipe.flip)
     else:
-        xb = random_crop_flip(xb, gen, scaled_padding(recipe.crop_padding, xb.shape[-1]), recipe.flip)
+        xb = random_crop_flip(
+            xb, gen, scaled_padding(recipe.crop_padding, xb.shape[-1]), recipe.flip
+        )
     if recipe.policy != "none":
         policy_gen = torch.Generator(device=device).manual_seed(key + 2)
         xb = policies.apply_policy(xb, policy_gen, recipe.policy)

@@ -21,6 +21,7 @@ of them trains another run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -188,7 +189,13 @@ def decode_all(
 
 
 def _decoded(
-    root: Path, names: list[str], size: int, workers: int, progress: bool, cache_dir: Any
+    root: Path,
+    names: list[str],
+    size: int,
+    workers: int,
+    progress: bool,
+    cache_dir: Any,
+    source: str,
 ) -> tuple[torch.Tensor, list[str]]:
     """uint8 ``[N,3,size,size]`` for ``names`` and their errors, through the tensor cache.
     When the folder changed, only new and changed files are decoded: the others are taken
@@ -196,7 +203,9 @@ def _decoded(
     entries = _fingerprint(root, names)
     fingerprint = [size, entries]
     folder = cache.tensor_dir(cache_dir)
-    key = hashlib.sha1(f"{root.resolve()}|{size}".encode()).hexdigest()[:12]
+    # A folder's cache is named by its path alone (as before CSV lists), any other by source.
+    named = str(root) if source == PREFIX + str(root) else source
+    key = hashlib.sha1(f"{named}|{size}".encode()).hexdigest()[:12]
     path = folder / f"folder-{key}.pt"
 
     def exact(blob: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
@@ -296,9 +305,30 @@ def load(
     ``strict``."""
     check(root)
     root = root.resolve()
-    scan = _scan(root)
+    return load_scanned(
+        root, _scan(root), PREFIX + str(root), store_size=store_size, test_size=test_size,
+        strict=strict, workers=workers, progress=progress, cache_dir=cache_dir,
+    )  # fmt: skip
+
+
+def load_scanned(
+    root: Path,
+    scan: _Scan,
+    source: str,
+    *,
+    store_size: int,
+    test_size: int | None,
+    strict: bool,
+    workers: int | None,
+    progress: bool,
+    cache_dir: str | Path | None,
+) -> tuple[Arrays, Report]:
+    """Decode (through the cache), report and split the files of ``scan`` (paths relative to
+    ``root``): what a folder and a CSV list share once their files are known."""
     names = [f for files in scan.files.values() for f in files]
-    x, errors = _decoded(root, names, store_size, workers or usable_cores(), progress, cache_dir)
+    x, errors = _decoded(
+        root, names, store_size, workers or usable_cores(), progress, cache_dir, source
+    )
     report = Report(root, problems=list(scan.problems))
     report.problems += [
         Problem(n, without_name(e, n)) for n, e in zip(names, errors, strict=True) if e
@@ -308,9 +338,14 @@ def load(
     report.problems.sort(key=lambda p: p.path)
     report.classes = classes
     if len(classes) < 2:
+        where, layout = (
+            (root, "PATH/<class>/*.jpg, or PATH/train/<class>/...")
+            if source.startswith(PREFIX)
+            else (source.split(":", 1)[1], "rows of path,label")
+        )
         raise UserError(
-            f"{root}: {len(classes)} usable class folder(s); training needs at least 2, each "
-            "with 2 or more images (PATH/<class>/*.jpg, or PATH/train/<class>/...)"
+            f"{where}: {len(classes)} usable class folder(s); training needs at least 2, each "
+            f"with 2 or more images ({layout})"
         )
     if strict and report.problems:
         for line in report.lines():
@@ -319,7 +354,8 @@ def load(
             f"{root}: {len(report.problems)} file(s) or class(es) unusable with --strict "
             f"(first: {report.problems[0].line()}); fix them or drop --strict"
         )
-    return _arrays(root, scan, names, x, usable, classes, test_size, report), report
+    arrays = _arrays(root, scan, names, x, usable, classes, test_size, report)
+    return dataclasses.replace(arrays, source=source), report
 
 
 def _arrays(

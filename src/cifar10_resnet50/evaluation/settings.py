@@ -16,7 +16,7 @@ class EvaluateOptions:
     data_source: str | None = setting(
         None,
         "--data",
-        "cifar10 or folder:PATH (default: the data the model was trained on, as its metadata "
+        "cifar10, folder:PATH or csv:FILE (default: the data the model was trained on, as its metadata "
         "records)",
         metavar="SOURCE",
     )

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import model as model_lib
-from .ema import WeightAverage
 from ..config import AugmentConfig, OptimConfig
 from ..data import augment
 from ..runtime import autocast
+from .ema import WeightAverage
 
 # --------------------------------------------------------------------------- optimization
 
