@@ -32,6 +32,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE = ("auto", "on", "off")
 AUGMENT_POLICIES = ("none", "trivial", "randaugment")  # --augment (data/policies.py)
 PROBE_SOLVERS = ("lbfgs", "adamw")
+CLASS_WEIGHTS = ("none", "auto")
 
 
 def device_setting(default: str = "auto") -> Any:
@@ -256,6 +257,20 @@ class TrainConfig:
         "times a few steps, then plans the epochs, and the image size unless --image-size is "
         "given",
         metavar="TIME",
+    )
+    # For imbalanced own images. Off by default: reweighting trades overall accuracy for
+    # recall on the rare classes, a choice the user makes.
+    class_weights: str = setting(
+        "none",
+        "--class-weights",
+        "auto: the loss weighs each class by N / (classes × its training images), as "
+        "scikit-learn's 'balanced'",
+        choices=CLASS_WEIGHTS,
+    )
+    balanced_sampling: bool = setting(
+        False,
+        "--balanced-sampling",
+        "draw each epoch's images with replacement, every class equally often",
     )
     # Off until measured here to help (BENCHMARKS.md, "Weight EMA"); timm and the
     # ConvNeXt/DeiT recipes use 0.9998-0.99996 over hundreds of epochs.
@@ -488,6 +503,16 @@ def validate(cfg: Config) -> None:
     check(t.batch_size is None or t.batch_size >= 1, "--batch-size must be at least 1")
     check(t.accum_steps >= 1, "--accum-steps must be at least 1")
     check(0 <= t.ema < 1, "--ema is a decay in [0, 1): e.g. 0.999; 0 = off")
+    check(t.class_weights in CLASS_WEIGHTS, f"--class-weights must be one of {CLASS_WEIGHTS}")
+    check(
+        not (t.class_weights != "none" and t.balanced_sampling),
+        "--class-weights auto and --balanced-sampling both correct for imbalance; use one",
+    )
+    check(
+        t.strategy != "linear" or (t.class_weights == "none" and not t.balanced_sampling),
+        "--class-weights/--balanced-sampling act on training steps; the linear probe fits its "
+        "head on cached features instead: use --strategy full or gradual",
+    )
     check(
         not (t.ema and t.strategy == "linear"),
         "--ema averages the weights of training steps; --strategy linear fits its head on "

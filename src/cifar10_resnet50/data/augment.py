@@ -39,9 +39,15 @@ def batch_seed(seed: int, epoch: int, batch: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_003 + batch) % (2**63 - 1)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+def epoch_order(n: int, seed: int, epoch: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The epoch's order of ``n`` images: a permutation; or, given their ``labels`` (int64
+    [n], CPU: ``--balanced-sampling``), n draws with replacement, each class equally likely
+    (torch's ``WeightedRandomSampler`` rule, keyed by the epoch as everything here)."""
     gen = torch.Generator().manual_seed(batch_seed(seed, epoch, -1))
-    return torch.randperm(n, generator=gen)
+    if labels is None:
+        return torch.randperm(n, generator=gen)
+    counts = torch.bincount(labels).double()
+    return torch.multinomial(1.0 / counts[labels], n, replacement=True, generator=gen)
 
 
 def random_crop_flip(
@@ -127,6 +133,7 @@ def train_batches(
     steps: int | None = None,
     rows: torch.Tensor | None = None,
     device: torch.device | None = None,
+    balanced: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(batch_index, images, labels, targets)`` for one epoch, from batch ``start`` on,
     augmented as ``recipe`` says (:func:`augment_batch`). ``rows``: the images of ``x`` to
@@ -145,10 +152,12 @@ def train_batches(
     global batch, so runs agree whatever the process count (tested).
 
     ``steps`` ends the epoch early (``--steps-per-epoch``): its batches are then a random
-    sample of the images, a different one each epoch.
+    sample of the images, a different one each epoch. ``balanced``: each epoch draws its
+    images with replacement, every class equally often (:func:`epoch_order`).
     """
     n = len(x) if rows is None else len(rows)
-    order = epoch_order(n, seed, epoch).to(x.device)
+    labels = (y if rows is None else y[rows]).cpu() if balanced else None
+    order = epoch_order(n, seed, epoch, labels).to(x.device)
     if rows is not None:
         order = rows[order]
     full = steps_per_epoch(n, batch_size, world_size)

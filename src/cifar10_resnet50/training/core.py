@@ -209,6 +209,7 @@ class Batches:
     world_size: int = 1
     steps: int | None = None  # per epoch; None: one full pass
     device: torch.device | None = None  # the training device when x stays in host memory
+    balanced: bool = False  # --balanced-sampling
 
     def epoch(
         self, epoch: int, start: int = 0
@@ -217,7 +218,8 @@ class Batches:
         targets are soft labels float [B,C] under mixup/CutMix, else the labels."""
         return augment.train_batches(
             self.x, self.y, batch_size=self.batch_size, seed=self.seed, epoch=epoch,
-            start=start, recipe=self.augment, num_classes=self.num_classes, rank=self.rank, world_size=self.world_size,
+            start=start, recipe=self.augment, num_classes=self.num_classes, rank=self.rank,
+            balanced=self.balanced, world_size=self.world_size,
             steps=self.steps, rows=self.rows, device=self.device,
         )  # fmt: skip
 

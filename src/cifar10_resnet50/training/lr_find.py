@@ -32,7 +32,7 @@ from ..fileio import ensure_writable_dir, write_json
 from ..options import LrFindOptions
 from ..runtime import pick_device, pick_precision
 from . import core
-from .trainer import load_data, step_recipe
+from .trainer import load_data, step_recipe, weights_for
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def run(
     batches = core.Batches(
         arrays.train_x.to(device), arrays.train_y.to(device), train_idx.to(device),
         batch_size=step_batch(t), seed=t.seed, augment=cfg.augment,
-        num_classes=len(arrays.classes),
+        num_classes=len(arrays.classes), balanced=t.balanced_sampling,
     )  # fmt: skip
     frozen = core.frozen_at(t.strategy, 0, t.freeze_epochs)
     core.set_frozen(model, frozen)
@@ -172,7 +172,8 @@ def run(
     log.info("lr range test: %d steps from %.0e to %.0e on %s", steps, start_lr, end_lr, device)
     lrs, losses = sweep(
         model, opt.optimizer, batches.endless(), steps=steps, start_lr=start_lr, end_lr=end_lr,
-        recipe=step_recipe(cfg, device, amp), scaler=opt.scaler,
+        recipe=step_recipe(cfg, device, amp, weights_for(cfg, arrays, train_idx, device)),
+        scaler=opt.scaler,
     )  # fmt: skip
     suggested, steepest = suggest(lrs, losses)
     ensure_writable_dir(out)

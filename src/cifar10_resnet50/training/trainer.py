@@ -223,11 +223,15 @@ def build(
         write_json(out / "splits.json", _splits(split))
     return Trainer(
         cfg=cfg, process=process, device=device, amp_dtype=amp_dtype, out=out, meta=meta,
-        model=model, opt=opt, recipe=step_recipe(cfg, device, amp_dtype, after_step),
+        model=model, opt=opt,
+        recipe=step_recipe(
+            cfg, device, amp_dtype, weights_for(cfg, arrays, train_idx, device), after_step
+        ),
         batches=core.Batches(
             *_training_images(arrays, train_idx, device, t.batch_size, cfg.model.image_size),
             batch_size=step_batch(t), seed=t.seed, augment=cfg.augment,
             num_classes=len(arrays.classes), rank=process.rank,
+            balanced=t.balanced_sampling,
             world_size=process.world_size, steps=steps, device=device,
         ),
         split=split,
@@ -259,9 +263,11 @@ def step_recipe(
     cfg: Config,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    class_weights: torch.Tensor | None = None,
     after: Callable[[], None] | None = None,
 ) -> core.StepRecipe:
-    """How the run's steps compute, from its settings (the loop's, lr-find's, the timer's)."""
+    """How the run's steps compute, from its settings (the loop's, lr-find's, the timer's);
+    ``class_weights``: the loss's, float [C] on ``device`` (:func:`weights_for`)."""
     return core.StepRecipe(
         device=device,
         amp_dtype=amp_dtype,
@@ -269,8 +275,23 @@ def step_recipe(
         grad_clip=cfg.optim.grad_clip,
         channels_last=cfg.train.channels_last,
         accum_steps=cfg.train.accum_steps,
+        class_weights=class_weights,
         after=after,
     )
+
+
+def weights_for(
+    cfg: Config, arrays: data.Arrays, rows: torch.Tensor, device: torch.device
+) -> torch.Tensor | None:
+    """``--class-weights auto``: float [C] = N / (C · n_c) over the training rows (scikit-
+    learn's "balanced"; 1 for every class of a balanced set); None for ``none``."""
+    if cfg.train.class_weights == "none":
+        return None
+    labels = arrays.train_y[rows]
+    counts = torch.bincount(labels, minlength=len(arrays.classes)).double()
+    weights = len(labels) / (len(counts) * counts.clamp(min=1))
+    log.info("class weights: %s", ", ".join(f"{w:.2f}" for w in weights.tolist()))
+    return weights.float().to(device)
 
 
 def _splits(split: Split) -> dict:
