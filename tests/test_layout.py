@@ -94,6 +94,7 @@ TRAINING_LAYERS = {
     "ema": 0,
     "core": 1,
     "board": 1,
+    "trackers": 1,
     "trainer": 2,
     "planning": 3,
     "probe": 3,

@@ -61,6 +61,7 @@ NOT_FOR_LR_FIND = {
     "train.checkpoint_every",
     "train.steps_per_epoch",
     "train.tensorboard",
+    "train.tracker",
 }
 
 

@@ -33,6 +33,7 @@ COMPILE = ("auto", "on", "off")
 AUGMENT_POLICIES = ("none", "trivial", "randaugment")  # --augment (data/policies.py)
 PROBE_SOLVERS = ("lbfgs", "adamw")
 CLASS_WEIGHTS = ("none", "auto")
+TRACKERS = ("tensorboard", "mlflow", "wandb", "none")
 
 
 def device_setting(default: str = "auto") -> Any:
@@ -336,6 +337,14 @@ class TrainConfig:
     tensorboard: bool = setting(
         True, "--no-tensorboard", "no TensorBoard events in RUN_DIR/tensorboard"
     )
+    # The HF Trainer's report_to: several at once, with commas.
+    tracker: str = setting(
+        "tensorboard",
+        "--tracker",
+        "where the run logs: tensorboard, mlflow (RUN_DIR/mlruns, or $MLFLOW_TRACKING_URI), "
+        "wandb (offline in RUN_DIR/wandb unless WANDB_MODE=online), none; several with commas",
+        metavar="NAMES",
+    )
 
 
 @dataclass(frozen=True)
@@ -503,6 +512,12 @@ def validate(cfg: Config) -> None:
     check(t.batch_size is None or t.batch_size >= 1, "--batch-size must be at least 1")
     check(t.accum_steps >= 1, "--accum-steps must be at least 1")
     check(0 <= t.ema < 1, "--ema is a decay in [0, 1): e.g. 0.999; 0 = off")
+    names = [n.strip() for n in t.tracker.split(",")]
+    check(
+        set(names) <= set(TRACKERS) and ("none" not in names or len(names) == 1),
+        f"--tracker {t.tracker!r}: one or more of tensorboard, mlflow, wandb (with commas), "
+        "or none",
+    )
     check(t.class_weights in CLASS_WEIGHTS, f"--class-weights must be one of {CLASS_WEIGHTS}")
     check(
         not (t.class_weights != "none" and t.balanced_sampling),
@@ -595,6 +610,11 @@ def step_batch(t: TrainConfig) -> int:
     """Images per optimizer step per process (resolved ``t``): ``--batch-size`` × ``--accum-steps``."""
     assert t.batch_size is not None, "resolve() sets the batch size"
     return t.batch_size * t.accum_steps
+
+
+def uses_tensorboard(t: TrainConfig) -> bool:
+    """``--tracker`` names it and ``--no-tensorboard`` does not turn it off."""
+    return t.tensorboard and "tensorboard" in [n.strip() for n in t.tracker.split(",")]
 
 
 def default_image_size(device_type: str) -> int:

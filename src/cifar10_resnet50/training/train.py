@@ -32,7 +32,14 @@ from typing import Any
 import torch
 
 from .. import checkpoint, runtime
-from ..config import Config, TrainConfig, default_image_size, resolve, step_batch
+from ..config import (
+    Config,
+    TrainConfig,
+    default_image_size,
+    resolve,
+    step_batch,
+    uses_tensorboard,
+)
 from ..data import cifar10
 from ..errors import UserError
 from ..evaluation import evaluate
@@ -41,6 +48,7 @@ from ..runtime import Process, pick_device
 from . import loop, metrics, planning, probe, trainer
 from .board import Board
 from .callbacks import Callback
+from .trackers import open_trackers
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -62,6 +70,7 @@ RESUMABLE_CHANGES = {
     "train.compile",
     "train.threads",
     "train.tensorboard",
+    "train.tracker",
     "train.out",
 }
 
@@ -127,19 +136,25 @@ def _run(
     if saved is not None and _finished(saved["train_state"], cfg.train.epochs, cfg.train.patience):
         return _already_finished(out, saved["train_state"])
     t, state = _start(cfg, out, process, saved, timing, auto_size, final_eval)
-    stopped = False
-    if t.cfg.train.strategy == "linear":
-        probe.fit(t, state)
-    else:
-        board = Board(
-            out / "tensorboard" if t.cfg.train.tensorboard and process.is_main else None,
-            start_step=state.step,
-        )
-        try:
-            stopped = loop.fit(t, state, [board, *callbacks], stop_after)
-        finally:
-            board.close()
-    report = _finish(t, final_eval, stopped)
+    stopped, report = False, None
+    trackers = open_trackers(t.cfg.train.tracker, out, t.cfg.to_dict()) if process.is_main else []
+    try:
+        if t.cfg.train.strategy == "linear":
+            probe.fit(t, state)
+        else:
+            board = Board(
+                out / "tensorboard" if uses_tensorboard(t.cfg.train) and process.is_main else None,
+                start_step=state.step,
+            )
+            try:
+                stopped = loop.fit(t, state, [board, *trackers, *callbacks], stop_after)
+            finally:
+                board.close()
+        report = _finish(t, final_eval, stopped)
+    finally:
+        headline = report and {k: report.metrics[k] for k in ("accuracy", "loss", "count")}
+        for tracker in trackers:
+            tracker.finish(headline, state.step)
     best = t.saver.best if t.saver.best.exists() else None
     return TrainResult(
         out_dir=out, last=t.saver.last, best=best, best_val_acc=state.best_val_acc,
