@@ -227,19 +227,31 @@ def build(
         recipe=step_recipe(
             cfg, device, amp_dtype, weights_for(cfg, arrays, train_idx, device), after_step
         ),
-        batches=core.Batches(
-            *_training_images(arrays, train_idx, device, t.batch_size, cfg.model.image_size),
-            batch_size=step_batch(t), seed=t.seed, augment=cfg.augment,
-            num_classes=len(arrays.classes), rank=process.rank,
-            balanced=t.balanced_sampling,
-            world_size=process.world_size, steps=steps, device=device,
-        ),
+        batches=_batches(cfg, arrays, train_idx, device, process, steps),
         split=split,
         saver=checkpoint.Saver(
             out, meta, cfg.to_dict(), is_main=process.is_main, world_size=process.world_size
         ),
         compile=compile_policy(cfg, device.type, steps),
         clock=clock, started=started,
+    )  # fmt: skip
+
+
+def _batches(
+    cfg: Config,
+    arrays: data.Arrays,
+    rows: torch.Tensor,
+    device: torch.device,
+    process: Process,
+    steps: int,
+) -> core.Batches:
+    """The training rows of ``arrays`` where training draws them from, and how."""
+    t = cfg.train
+    return core.Batches(
+        *_training_images(arrays, rows, device, t.batch_size, cfg.model.image_size),
+        batch_size=step_batch(t), seed=t.seed, augment=cfg.augment,
+        num_classes=len(arrays.classes), rank=process.rank, world_size=process.world_size,
+        steps=steps, device=device, balanced=t.balanced_sampling,
     )  # fmt: skip
 
 
