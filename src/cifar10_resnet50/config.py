@@ -111,11 +111,21 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # ResNet-50 is the point of the project; the others are there to compare before choosing.
+    arch: str = setting(
+        "resnet50",
+        "--arch",
+        "any torchvision classification model: resnet18/34/50/101/152, wide_resnet50_2, "
+        "resnext50_32x4d, convnext_tiny, efficientnet_v2_s, vit_b_16, ... (BENCHMARKS.md "
+        "compares them)",
+        metavar="NAME",
+    )
     weights: str = setting(
         "imagenet",
         "--weights",
-        "imagenet (IMAGENET1K_V2) | imagenet-v1 | none | PATH: a torchvision resnet50 .pth, or "
-        "a checkpoint of ours (its backbone: fine-tune after a linear probe)",
+        "imagenet (the architecture's best torchvision weights; ResNet-50: IMAGENET1K_V2) | "
+        "imagenet-v1 | none | PATH: a torchvision .pth of --arch, or a checkpoint of ours (its "
+        "backbone: fine-tune after a linear probe)",
         metavar="W",
     )
     # BiT-HyperRule resizes small images to 160 px (160–224 is the known-good range); 64 px
@@ -561,6 +571,19 @@ def validate(cfg: Config) -> None:
         m.image_size is None or low <= m.image_size <= high,
         f"--image-size must be in {low}..{high}",
     )
+    check(bool(re.fullmatch(r"[a-z][a-z0-9_]*", m.arch)), f"--arch {m.arch!r}: not a model name")
+    patch = patch_size(m.arch)
+    if patch:
+        check(
+            m.image_size is None or m.image_size % patch == 0,
+            f"--arch {m.arch} cuts images into {patch} px patches: --image-size must be a "
+            f"multiple of {patch}",
+        )
+        check(
+            not t.progressive and (t.budget is None or m.image_size is not None),
+            f"--arch {m.arch} takes one input size: no --progressive, and give --image-size "
+            "with --budget",
+        )
     check(o.lr is None or o.lr > 0, "--lr must be positive")
     check(o.weight_decay is None or o.weight_decay >= 0, "--weight-decay must be 0 or more")
     check(0 <= o.warmup < 1, "--warmup is a fraction of all steps, in [0, 1)")
@@ -591,7 +614,7 @@ def validate(cfg: Config) -> None:
     check(
         m.weights in WEIGHTS or Path(m.weights).expanduser().is_file(),
         f"--weights {m.weights!r}: not one of {', '.join(WEIGHTS)}, and no such file "
-        "(a torchvision ResNet-50 .pth)",
+        "(a torchvision .pth of --arch)",
     )
 
 
@@ -612,6 +635,13 @@ def step_batch(t: TrainConfig) -> int:
     return t.batch_size * t.accum_steps
 
 
+def patch_size(arch: str) -> int | None:
+    """A Vision Transformer's patch size (``vit_b_16`` → 16): its input size must be a
+    multiple of it, and one size only (its position embeddings)."""
+    match = re.fullmatch(r"vit_[a-z]_(\d+)", arch)
+    return int(match.group(1)) if match else None
+
+
 def uses_tensorboard(t: TrainConfig) -> bool:
     """``--tracker`` names it and ``--no-tensorboard`` does not turn it off."""
     return t.tensorboard and "tensorboard" in [n.strip() for n in t.tracker.split(",")]
@@ -628,6 +658,7 @@ def resolve(cfg: Config, device_type: str, world_size: int = 1, gpu_batch: int =
     gpu = device_type == "cuda"
     sgd = cfg.optim.optimizer == "sgd"
     size = cfg.model.image_size or default_image_size(device_type)
+    size -= size % (patch_size(cfg.model.arch) or 1)  # 64 and 160 are multiples of 16 and 32
     model = dataclasses.replace(cfg.model, image_size=size)
     data = cfg.data
     if data.source != "cifar10" and data.store_size is None:

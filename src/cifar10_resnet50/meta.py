@@ -12,6 +12,7 @@ No torch here: the ONNX path of predict and serve runs without it.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from .errors import UserError
@@ -33,8 +34,9 @@ def validate_meta(meta: Any, source: str) -> dict[str, Any]:
     for key in ("arch", "num_classes", "classes", "image_size", "mean", "std"):
         if key not in meta:
             raise fail(f"lacks '{key}'")
-    if meta["arch"] != "resnet50":
-        raise fail(f"names architecture {meta['arch']!r}; only 'resnet50' is supported")
+    arch = meta["arch"]
+    if not isinstance(arch, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", arch):
+        raise fail(f"names architecture {arch!r}, not a torchvision model name")
     n = meta["num_classes"]
     if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_CLASSES:
         raise fail(f"'num_classes' is {n!r}; it must be a whole number from 2 to {MAX_CLASSES:,}")

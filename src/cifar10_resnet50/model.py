@@ -1,5 +1,5 @@
-"""The model: torchvision's ResNet-50 with a new head (one output per class of the data),
-preprocessing included.
+"""The model: torchvision's ResNet-50 (or any torchvision classification model, ``--arch``)
+with a new head (one output per class of the data), preprocessing included.
 
 ``Classifier`` takes raw uint8 RGB images ``[B,3,H,W]`` and returns logits. Conversion,
 ImageNet normalisation and the resize to the training resolution happen inside, on whatever
@@ -53,12 +53,14 @@ class Preprocess(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Preprocess + torchvision ResNet-50 whose ``fc`` is the new head (one output per class)."""
+    """Preprocess + a torchvision classification network whose last linear layer (``fc`` of a
+    ResNet, ``classifier[2]`` of a ConvNeXt, ``heads.head`` of a ViT...) is the new head."""
 
     def __init__(self, net: nn.Module, preprocess: Preprocess, temperature: float = 1.0):
         super().__init__()
         self.preprocess = preprocess
         self.net = net
+        self.head_name = head_name(net)
         # Temperature scaling (Guo et al. 2017), fitted on the validation split after training
         # and stored in the model's metadata: every consumer (predict, serve, the exports'
         # baked-in softmax) divides the logits by it. 1 while training. Not in the state dict,
@@ -66,55 +68,114 @@ class Classifier(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
     @property
-    def head(self) -> nn.Module:
-        return self.net.fc
+    def head(self) -> nn.Linear:
+        return self.net.get_submodule(self.head_name)
 
     def backbone_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.net.named_parameters() if not n.startswith("fc.")]
+        head = self.head_name + "."
+        return [p for n, p in self.net.named_parameters() if not n.startswith(head)]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head sees (float [B,F]) for uint8 images [B,3,H,W]: the backbone's
+        pooled features, for any architecture (captured at the head's input)."""
+        seen: list[torch.Tensor] = []
+        hook = self.head.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        try:
+            self.net(self.preprocess(x))
+        finally:
+            hook.remove()
+        return seen[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.preprocess(x)) / self.temperature
 
 
-def _reference_state() -> dict[str, torch.Tensor]:
-    return torchvision.models.resnet50().state_dict()
+def head_name(net: nn.Module) -> str:
+    """The qualified name of the network's last linear layer: the classifier of every
+    torchvision classification model."""
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    assert names, "a classification network ends in a linear layer"
+    return names[-1]
 
 
-def check_state_dict(state: Any, source: str) -> dict[str, torch.Tensor]:
-    """Check a torchvision-format ResNet-50 state dict (the ``fc`` layer may have any size)."""
+def check_arch(arch: str) -> None:
+    """A torchvision classification model, or a one-line error listing the known ones."""
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        import difflib
+
+        close = difflib.get_close_matches(arch, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(
+            f"--arch {arch!r}: not a torchvision classification model{hint} "
+            "(torchvision.models.list_models(module=torchvision.models) lists them)"
+        )
+
+
+def _network(arch: str, num_classes: int, image_size: int, zero_init: bool = False) -> nn.Module:
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if arch.startswith("vit_"):  # its position embeddings are made for one input size
+        kwargs["image_size"] = image_size
+    if zero_init and arch.startswith(RESNETS):
+        kwargs["zero_init_residual"] = True
+    return torchvision.models.get_model(arch, **kwargs)
+
+
+# From scratch, zero-initialised last BatchNorm of each residual block makes every block start
+# as identity (Goyal et al. 2017), which steadies the first steps; torchvision's ResNets offer it.
+RESNETS = ("resnet", "resnext", "wide_resnet")
+
+
+def _reference_state(arch: str) -> dict[str, torch.Tensor]:
+    """The architecture's parameter names and shapes, without allocating them."""
+    with torch.device("meta"):
+        return torchvision.models.get_model(arch).state_dict()
+
+
+def _head_keys(arch: str) -> set[str]:
+    with torch.device("meta"):
+        name = head_name(torchvision.models.get_model(arch))
+    return {f"{name}.weight", f"{name}.bias"}
+
+
+def check_state_dict(state: Any, source: str, arch: str = "resnet50") -> dict[str, torch.Tensor]:
+    """Check a torchvision-format state dict of ``arch`` (its head may have any size); the
+    head's tensors are dropped."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{source}: expected a torchvision ResNet-50 state dict (name → tensor)")
-    ref = {k: v for k, v in _reference_state().items() if not k.startswith("fc.")}
-    got = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        raise UserError(f"{source}: expected a torchvision {arch} state dict (name → tensor)")
+    head = _head_keys(arch)
+    ref = {k: v for k, v in _reference_state(arch).items() if k not in head}
+    got = {k: v for k, v in state.items() if k not in head}
     missing = sorted(set(ref) - set(got))
     unexpected = sorted(set(got) - set(ref))
     if missing or unexpected:
         hint = ""
         if any(k.startswith(("module.", "net.", "model.")) for k in unexpected):
-            hint = " (keys carry a prefix such as 'module.'; save model.state_dict() of the bare ResNet)"
+            hint = " (keys carry a prefix such as 'module.'; save model.state_dict() of the bare network)"
         raise UserError(
-            f"{source}: not a torchvision ResNet-50 state dict: "
+            f"{source}: not a torchvision {arch} state dict: "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}){hint}"
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}){hint} — --arch names "
+            "the architecture"
         )
     bad = [
         f"{k}: {tuple(got[k].shape)} != {tuple(ref[k].shape)}"
         for k in ref
-        if got[k].shape != ref[k].shape
+        if got[k].shape != ref[k].shape and not k.endswith("pos_embedding")  # resized later
     ]
     if bad:
-        raise UserError(f"{source}: tensor shapes differ from ResNet-50: {'; '.join(bad[:3])}")
+        raise UserError(f"{source}: tensor shapes differ from {arch}: {'; '.join(bad[:3])}")
     return got
 
 
-def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+def load_weights_file(path: str | Path, arch: str = "resnet50") -> dict[str, torch.Tensor]:
     """A torchvision-format state dict from disk (or the backbone of one of our checkpoints),
     sha256-checked when its name carries a hash."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
             f"--weights {path}: no such file; use 'imagenet', 'imagenet-v1', 'none' or a path "
-            "to a torchvision ResNet-50 .pth file"
+            f"to a torchvision {arch} .pth file"
         )
     match = _HASH_IN_NAME.search(path.name)
     if match:
@@ -134,46 +195,57 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         # One of our checkpoints (a linear probe's best.pt, say): its backbone, so a fine-tune
         # can start from it; the head is new as always.
         state = {k[4:]: v for k, v in state["model"].items() if k.startswith("net.")}
-    return check_state_dict(state, f"--weights {path}")
+    return check_state_dict(state, f"--weights {path}", arch)
 
 
-def _torchvision_weights(spec: str) -> torchvision.models.WeightsEnum:
-    w = torchvision.models.ResNet50_Weights
-    return w.IMAGENET1K_V2 if spec == "imagenet" else w.IMAGENET1K_V1
+def _torchvision_weights(spec: str, arch: str = "resnet50") -> torchvision.models.WeightsEnum:
+    """``imagenet``: the architecture's best torchvision weights (``DEFAULT``; for ResNet-50
+    IMAGENET1K_V2); ``imagenet-v1``: its first (IMAGENET1K_V1)."""
+    enum = torchvision.models.get_model_weights(arch)
+    if spec == "imagenet":
+        return enum.DEFAULT
+    if not hasattr(enum, "IMAGENET1K_V1"):
+        raise UserError(f"--weights imagenet-v1: {arch} has no IMAGENET1K_V1 weights; use imagenet")
+    return enum.IMAGENET1K_V1
 
 
-def fetch_pretrained(spec: str, progress: bool = True) -> dict[str, torch.Tensor]:
+def fetch_pretrained(
+    spec: str, arch: str = "resnet50", progress: bool = True
+) -> dict[str, torch.Tensor]:
     """torchvision's hash-checked download (or its cache in $TORCH_HOME)."""
-    weights = _torchvision_weights(spec)
+    weights = _torchvision_weights(spec, arch)
     try:
         state = weights.get_state_dict(progress=progress, check_hash=True)
     except Exception as e:  # URLError, timeouts, hash mismatch (RuntimeError), disk errors
         raise UserError(
             f"could not get the ImageNet weights {weights} ({type(e).__name__}: {first_line(e)}). "
-            "Offline? Pass --weights PATH to a torchvision resnet50 .pth file (for example "
+            f"Offline? Pass --weights PATH to a torchvision {arch} .pth file (for example "
             f"{weights.url.rsplit('/', 1)[-1]} copied from a machine with internet), "
             "or --weights none to train from scratch."
         ) from e
-    return check_state_dict(state, str(weights))
+    return check_state_dict(state, str(weights), arch)
 
 
-def describe_weights(spec: str) -> str:
+def describe_weights(spec: str, arch: str = "resnet50") -> str:
     if spec == "none":
         return "none (random init)"
     if spec in ("imagenet", "imagenet-v1"):
-        return f"torchvision {_torchvision_weights(spec)}"
+        return f"torchvision {_torchvision_weights(spec, arch)}"
     return f"file {Path(spec).name}"
 
 
-def backbone_weights(weights: str, progress: bool = True) -> dict[str, torch.Tensor] | None:
+def backbone_weights(
+    weights: str, arch: str = "resnet50", progress: bool = True
+) -> dict[str, torch.Tensor] | None:
     """The backbone's state dict for ``weights`` (downloaded or read and checked), or None for
     random init. Separate from :func:`build` so a run fails on missing weights in seconds,
     before it spends minutes on data."""
+    check_arch(arch)
     if weights == "none":
         return None
     if weights in ("imagenet", "imagenet-v1"):
-        return fetch_pretrained(weights, progress)
-    return load_weights_file(weights)
+        return fetch_pretrained(weights, arch, progress)
+    return load_weights_file(weights, arch)
 
 
 def build(
@@ -182,22 +254,53 @@ def build(
     num_classes: int,
     progress: bool = True,
     backbone: dict[str, torch.Tensor] | None = None,
+    arch: str = "resnet50",
 ) -> Classifier:
     """A fresh Classifier with the backbone initialised from ``weights`` (or the already
     fetched ``backbone``) and a new ``num_classes`` head; never silently random."""
-    # From scratch, zero-initialised last BatchNorm of each block makes every residual block
-    # start as identity (Goyal et al. 2017), which steadies the first steps.
-    net = torchvision.models.resnet50(num_classes=num_classes, zero_init_residual=weights == "none")
+    net = _network(arch, num_classes, image_size, zero_init=weights == "none")
     if weights != "none":
-        state = backbone if backbone is not None else backbone_weights(weights, progress)
+        state = backbone if backbone is not None else backbone_weights(weights, arch, progress)
+        if arch.startswith("vit_"):  # position embeddings of the weights' size → ours
+            from torchvision.models.vision_transformer import interpolate_embeddings
+
+            state = interpolate_embeddings(image_size, net.patch_size, dict(state))
         result = net.load_state_dict(state, strict=False)
         # Only the new head may be left out; check_state_dict guarantees the rest matched.
-        assert set(result.missing_keys) == {"fc.weight", "fc.bias"}, result.missing_keys
+        head = {f"{head_name(net)}.weight", f"{head_name(net)}.bias"}
+        assert set(result.missing_keys) == head, result.missing_keys
+    model = Classifier(net, Preprocess(image_size, *preprocessing(arch, weights)))
     # A zero-initialised head starts every class at equal probability, so the first
     # gradients reaching the pretrained backbone are small (BiT does the same).
-    nn.init.zeros_(net.fc.weight)
-    nn.init.zeros_(net.fc.bias)
-    return Classifier(net, Preprocess(image_size, IMAGENET_MEAN, IMAGENET_STD))
+    nn.init.zeros_(model.head.weight)
+    nn.init.zeros_(model.head.bias)
+    return model
+
+
+def preprocessing(arch: str, weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the weights' own transforms (torchvision's ``weights.transforms()``);
+    ImageNet's for random init or a file."""
+    if weights in ("imagenet", "imagenet-v1"):
+        t = _torchvision_weights(weights, arch).transforms()
+        return tuple(t.mean), tuple(t.std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def weights_facts(arch: str, weights: str) -> dict[str, Any]:
+    """What torchvision says about the weights (parameters, ImageNet top-1, recipe, the
+    resolution they were evaluated at), for the model's metadata; empty for others."""
+    if weights not in ("imagenet", "imagenet-v1"):
+        return {}
+    w = _torchvision_weights(weights, arch)
+    t = w.transforms()
+    return {
+        "name": str(w),
+        "num_params": w.meta.get("num_params"),
+        "imagenet_acc1": w.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1"),
+        "recipe": w.meta.get("recipe"),
+        "crop_size": list(t.crop_size),
+        "resize_size": list(t.resize_size),
+    }
 
 
 def model_meta(
@@ -206,30 +309,35 @@ def model_meta(
     classes: tuple[str, ...] | list[str],
     input_size: int,
     data: dict[str, Any] | None = None,
+    arch: str = "resnet50",
 ) -> dict[str, Any]:
-    """Facts about a model that travel inside its checkpoint and exports: its classes, the
-    size of the uint8 images it takes (``input_size``, the dataset's stored size), the
-    resolution it resizes them to (``image_size``), its normalisation, and the dataset it was
-    trained on (``data``: how ``evaluate`` finds the same test set)."""
+    """Facts about a model that travel inside its checkpoint and exports: its architecture,
+    classes, the size of the uint8 images it takes (``input_size``, the dataset's stored
+    size), the resolution it resizes them to (``image_size``), its normalisation (the
+    weights' own), the weights it started from, and the dataset it was trained on (``data``:
+    how ``evaluate`` finds the same test set)."""
+    mean, std = preprocessing(arch, weights)
+    facts = weights_facts(arch, weights)
     return {
-        "arch": "resnet50",
+        "arch": arch,
         "num_classes": len(classes),
         "classes": list(classes),
         "input_size": input_size,
         "image_size": image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(mean),
+        "std": list(std),
         "input": f"uint8 RGB [B,3,{input_size},{input_size}]; converted, normalised and "
         "resized inside the model",
-        "weights": describe_weights(weights),
+        "weights": describe_weights(weights, arch),
+        **({"weights_facts": facts} if facts else {}),
         **({"data": data} if data else {}),
     }
 
 
 def from_meta(meta: dict[str, Any]) -> Classifier:
     """An untrained Classifier with the architecture and preprocessing ``meta`` describes."""
-    if meta.get("arch") != "resnet50":
-        raise UserError(f"unsupported architecture {meta.get('arch')!r} in checkpoint")
-    net = torchvision.models.resnet50(num_classes=int(meta["num_classes"]))
+    arch = str(meta.get("arch"))
+    check_arch(arch)
+    net = _network(arch, int(meta["num_classes"]), int(meta["image_size"]))
     pre = Preprocess(int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"]))
     return Classifier(net, pre, float(meta.get("temperature", 1.0)))

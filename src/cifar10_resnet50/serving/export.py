@@ -142,7 +142,9 @@ def _write_torchscript(wrapper: nn.Module, meta: dict[str, Any], out: Path) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the fixed input-size branch
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
-        traced = torch.jit.trace(wrapper, example)
+        # The tracer's own re-trace check fails on ViT's shape asserts (a graph that differs
+        # only in names); the parity check after export compares outputs, which is stronger.
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
         buf = io.BytesIO()
         torch.jit.save(traced, buf, _extra_files={"meta.json": json.dumps(meta)})
     write_bytes(out, buf.getbuffer())

@@ -146,10 +146,14 @@ def run(
     out = Path(out_dir) if out_dir else Path(t.out or "runs") / "lr_find"
     torch.manual_seed(t.seed)
     data.check(cfg.data.source, cfg.data.data_dir)
-    backbone = model_lib.backbone_weights(cfg.model.weights, progress=t.progress)
+    backbone = model_lib.backbone_weights(cfg.model.weights, cfg.model.arch, t.progress)
     arrays = load_data(cfg, progress=t.progress)
     model = model_lib.build(
-        cfg.model.weights, cfg.model.image_size, len(arrays.classes), backbone=backbone
+        cfg.model.weights,
+        cfg.model.image_size,
+        len(arrays.classes),
+        backbone=backbone,
+        arch=cfg.model.arch,
     ).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -48,13 +48,6 @@ SEARCH_STEPS = 30  # each warm-started fit of the L2 search
 ADAMW_EPOCHS = 10  # as many passes as the per-epoch linear strategy made by default
 
 
-def _stages(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """torchvision ResNet-50 up to the pooled features: float [B,3,S,S] → [B,2048]."""
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
-    return torch.flatten(net.avgpool(x), 1)
-
-
 @torch.no_grad()
 def backbone_features(
     model: model_lib.Classifier,
@@ -65,7 +58,8 @@ def backbone_features(
     batch_size: int,
     flip: bool = False,
 ) -> torch.Tensor:
-    """uint8 [N,3,H,W] (any device) → float16 [N,2048] on the CPU, BatchNorm in eval mode."""
+    """uint8 [N,3,H,W] (any device) → float16 [N,F] on the CPU (F: what the head takes,
+    2048 for ResNet-50), BatchNorm in eval mode."""
     from ..runtime import autocast
 
     was_training = model.training
@@ -77,18 +71,19 @@ def backbone_features(
             xb = xb.flip(3)
         xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
-            out.append(_stages(model.net, model.preprocess(xb)).float().half().cpu())
+            out.append(model.features(xb).float().half().cpu())
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 2048, dtype=torch.float16)
+    return torch.cat(out) if out else torch.empty(0, model.head.in_features, dtype=torch.float16)
 
 
-def weights_identity(weights: str, seed: int) -> str:
+def weights_identity(weights: str, seed: int, arch: str = "resnet50") -> str:
     """What makes two backbones the same: torchvision's file (its name holds a hash), a
     file's sha256, or — from scratch — the seed and the torch version (random init)."""
     if weights == "none":
         return f"none-seed{seed}-torch{torch.__version__}"
     if weights in ("imagenet", "imagenet-v1"):
-        return f"torchvision-{model_lib._torchvision_weights(weights).url.rsplit('/', 1)[-1]}"
+        url = model_lib._torchvision_weights(weights, arch).url
+        return f"torchvision-{url.rsplit('/', 1)[-1]}"
     return f"file-{file_digest(weights, 'sha256')}"
 
 
@@ -326,7 +321,8 @@ def fit(t: Trainer, state: RunState) -> None:
     features = cached_features(
         t.model, s.arrays, torch.cat([s.train_idx, s.val_idx]),
         key_parts={
-            "weights": weights_identity(cfg.model.weights, cfg.train.seed),
+            "weights": weights_identity(cfg.model.weights, cfg.train.seed, cfg.model.arch),
+            "arch": cfg.model.arch,
             "image_size": cfg.model.image_size,
             "precision": str(t.amp_dtype),
         },
@@ -345,8 +341,8 @@ def fit(t: Trainer, state: RunState) -> None:
     )  # fmt: skip
     fit_seconds = time.perf_counter() - t_fit
     with torch.no_grad():
-        t.model.net.fc.weight.copy_(head.weight.to(t.model.net.fc.weight.device))
-        t.model.net.fc.bias.copy_(head.bias.to(t.model.net.fc.bias.device))
+        t.model.head.weight.copy_(head.weight.to(t.model.head.weight.device))
+        t.model.head.bias.copy_(head.bias.to(t.model.head.bias.device))
     seconds = time.perf_counter() - t0
     row = _row(t, head, seconds, fit_seconds, features.cached)
     log.info(

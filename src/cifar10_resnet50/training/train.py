@@ -262,14 +262,14 @@ def _describe(t: Trainer) -> str:
     images = f"{len(t.batches.rows)} train / {len(t.split.val_x) * t.process.world_size} val images"
     if tc.strategy == "linear":
         return (
-            f"linear probe of resnet50 on {t.device} ({precision}), {t.cfg.model.image_size} px: "
+            f"linear probe of {t.cfg.model.arch} on {t.device} ({precision}), {t.cfg.model.image_size} px: "
             f"backbone features once (cached), then the head fitted by {tc.probe_solver}; "
             f"weights {t.meta['weights']}, {images} → {t.out}"
         )
     progressive = f" (progressive from {t.size_at(0)} px)" if tc.progressive else ""
     world = t.process.world_size
     return (
-        f"training resnet50 on {t.device} ({precision}), {t.cfg.model.image_size} px"
+        f"training {t.cfg.model.arch} on {t.device} ({precision}), {t.cfg.model.image_size} px"
         f"{progressive}, strategy {tc.strategy}, {tc.epochs} epochs × {t.steps_per_epoch} steps, "
         f"batch {_batch_text(tc)} × {world} process(es) = {step_batch(tc) * world}, weights "
         f"{t.meta['weights']}, {images} → {t.out}"

@@ -161,8 +161,9 @@ def model_meta(cfg: Config, arrays: data.Arrays) -> dict:
     and where that data came from (so ``evaluate`` finds the same test set)."""
     source = {"source": arrays.source, "test_size": cfg.data.test_size}
     return model_lib.model_meta(
-        cfg.model.weights, cfg.model.image_size, arrays.classes, arrays.image_size, data=source
-    )
+        cfg.model.weights, cfg.model.image_size, arrays.classes, arrays.image_size, data=source,
+        arch=cfg.model.arch,
+    )  # fmt: skip
 
 
 def steps_per_epoch(cfg: Config, train_images: int, world_size: int) -> int:
@@ -195,11 +196,12 @@ def build(
     torch.manual_seed(t.seed)
     # The weights first: without a network they fail in seconds, before any data work.
     with process.main_first(f"download of the weights and {data.label(cfg.data.source)}"):
-        backbone = model_lib.backbone_weights(cfg.model.weights, progress=t.progress)
+        backbone = model_lib.backbone_weights(cfg.model.weights, cfg.model.arch, t.progress)
         arrays = load_data(cfg, progress=t.progress and process.is_main)
     model = model_lib.build(
-        cfg.model.weights, cfg.model.image_size, len(arrays.classes), backbone=backbone
-    )
+        cfg.model.weights, cfg.model.image_size, len(arrays.classes), backbone=backbone,
+        arch=cfg.model.arch,
+    )  # fmt: skip
     train_idx, val_idx = arrays.split(cfg.data.val_size, t.seed, cfg.data.subset)
     steps = steps_per_epoch(cfg, len(train_idx), process.world_size)
     shard = val_idx[process.rank :: process.world_size]
