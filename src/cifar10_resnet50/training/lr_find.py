@@ -129,6 +129,18 @@ def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:
     return lrs[i_min] / 10, steep
 
 
+def _model(
+    cfg: Config, num_classes: int, backbone: dict | None, device: torch.device
+) -> model_lib.Classifier:
+    """The run's model as the loop builds it: weights, architecture, device, memory layout."""
+    m = cfg.model
+    model = model_lib.build(m.weights, m.image_size, num_classes, backbone=backbone, arch=m.arch)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def run(
     cfg: Config,
     *,
@@ -148,15 +160,7 @@ def run(
     data.check(cfg.data.source, cfg.data.data_dir)
     backbone = model_lib.backbone_weights(cfg.model.weights, cfg.model.arch, t.progress)
     arrays = load_data(cfg, progress=t.progress)
-    model = model_lib.build(
-        cfg.model.weights,
-        cfg.model.image_size,
-        len(arrays.classes),
-        backbone=backbone,
-        arch=cfg.model.arch,
-    ).to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = _model(cfg, len(arrays.classes), backbone, device)
     train_idx, _ = arrays.split(cfg.data.val_size, t.seed, cfg.data.subset)
     if augment.steps_per_epoch(len(train_idx), step_batch(t)) == 0:
         raise UserError(f"{len(train_idx)} images make no batch of {step_batch(t)}")
