@@ -100,7 +100,8 @@ TRAINING_LAYERS = {
     "probe": 3,
     "lr_find": 3,
     "loop": 4,
-    "train": 5,
+    "learner": 5,
+    "train": 6,
 }
 
 

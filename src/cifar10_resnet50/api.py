@@ -8,6 +8,11 @@ model = api.load(run.best)                      # a checkpoint, ONNX or TorchScr
 model.predict(["cat.jpg", pil_image, array])    # [{"label": ..., "top": [...]}, ...]
 report = api.evaluate(run.best)                 # test accuracy, per class, confusion
 api.lr_find(weights="none", image_size=32)      # the learning-rate range test
+
+learn = api.learner(weights="none", image_size=32, out="runs/steps")  # step by step
+learn.freeze(); learn.fit(1, lr=0.05)           # the head alone, then
+learn.unfreeze(); learn.fit(2, lr=0.01)         # every layer, a schedule per fit
+learn.evaluate(); learn.save("model.pt")
 ```
 
 Settings are the config's fields by name (``lr``, ``epochs``, ``weights``; see
@@ -56,6 +61,18 @@ def train(
 
     _log_like_the_cli()
     return train_lib.run(_config(config, settings), resume=resume, started=started)
+
+
+def learner(
+    config: Config | str | Path | None = None, *, out: str | Path | None = None, **settings: Any
+):
+    """A run to drive step by step (``training.learner.Learner``: ``fit(epochs, lr)``,
+    ``freeze()``, ``unfreeze()``, ``evaluate()``, ``save(path)``, ``history``), with these
+    settings (``epochs`` is given to each ``fit``), in ``out``."""
+    from .training.learner import Learner
+
+    _log_like_the_cli()
+    return Learner.create(_config(config, settings), out)
 
 
 def _log_like_the_cli() -> None:

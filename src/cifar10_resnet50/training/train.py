@@ -45,9 +45,10 @@ from ..errors import UserError
 from ..evaluation import evaluate
 from ..fileio import ensure_writable_dir
 from ..runtime import Process, pick_device
-from . import loop, metrics, planning, probe, trainer
+from . import metrics, planning, probe, trainer
 from .board import Board
 from .callbacks import Callback
+from .learner import Learner
 from .trackers import open_trackers
 from .trainer import Trainer
 
@@ -147,7 +148,10 @@ def _run(
                 start_step=state.step,
             )
             try:
-                stopped = loop.fit(t, state, [board, *trackers, *callbacks], stop_after)
+                learner = Learner(t, state)
+                stopped = learner.fit(
+                    callbacks=[board, *trackers, *callbacks], stop_after=stop_after
+                )
             finally:
                 board.close()
         report = _finish(t, final_eval, stopped)
