@@ -12,6 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cifar10_resnet50"
 LAYERS = {
     "errors": 0,
     "config": 0,
+    "rules": 0,
     "declare": 0,
     "options": 0,
     "meta": 0,

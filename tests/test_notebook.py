@@ -177,6 +177,19 @@ def test_readme_notebook_example_runs(synthetic_root, tmp_path, monkeypatch):
     assert first["label"] in namespace["model"].classes
 
 
+def test_readme_step_wise_example_runs(synthetic_root, tmp_path, monkeypatch):
+    """The README's Learner example (its second Python block), executed as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("```python\n")[2].split("```")[0]
+    assert "api.learner(" in code
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CIFAR10_DATA_DIR", str(synthetic_root))
+    namespace: dict = {"api": api}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    assert [r["epoch"] for r in namespace["learn"].history] == [1, 2, 3]
+    assert (tmp_path / "runs" / "steps" / "model.pt").is_file()
+
+
 def test_api_predictions_have_the_fields_of_the_cli_json(tiny_checkpoint, test_pngs, capsys):
     paths = test_pngs[0][:2]
     assert cli.main(["predict", str(tiny_checkpoint), *map(str, paths), "--format", "json"]) == 0
