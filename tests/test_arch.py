@@ -134,3 +134,43 @@ def test_linear_probe_and_lr_find_run_on_a_vision_transformer(synthetic_root, tm
     found = lr_find.run(tiny(synthetic_root, tmp_path / "lf", **{"model.arch": "resnet18"}),
                         steps=3, out_dir=tmp_path / "lf")  # fmt: skip
     assert len(found.lrs) == 3
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_timm_models_build_load_their_weights_files_and_export(name, tmp_path):
+    """``--arch timm/NAME`` with timm installed (the ``timm`` extra): its own mean/std, a
+    weights file in timm's format, the model rebuilt from its metadata."""
+    timm = pytest.importorskip("timm")
+    arch = f"timm/{name}"
+    size = 32
+    reference = timm.create_model(name, img_size=size) if "vit" in name else timm.create_model(name)
+    path = tmp_path / f"{name}.pth"
+    torch.save(reference.state_dict(), path)
+    model = model_lib.build(str(path), size, 10, arch=arch).eval()
+    assert model.head.out_features == 10 and not model.head.weight.any()
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert tuple(model.preprocess.shift.flatten().tolist()) == pytest.approx(
+        [m / s for m, s in zip(cfg.mean, cfg.std, strict=True)]
+    )
+    meta = model_lib.model_meta(str(path), size, [str(i) for i in range(10)], size, arch=arch)
+    again = model_lib.from_meta(meta)
+    again.load_state_dict(model.state_dict())
+    x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(x), model(x))
+    if "vit" in name:
+        with pytest.raises(UserError, match="multiple of 16"):
+            C.override(C.Config(), {"model.arch": arch, "model.image_size": 40})
+    with pytest.raises(UserError, match="timm has no such model"):
+        model_lib.check_arch("timm/no_such_net")
+
+
+def test_a_timm_model_trains_and_exports_with_parity(synthetic_root, tmp_path):
+    pytest.importorskip("timm")
+    cfg = tiny(
+        synthetic_root, tmp_path / "run", **{"model.arch": "timm/resnet18", "train.epochs": 1}
+    )
+    result = train.run(cfg, final_eval=False)
+    _, meta = checkpoint.load_model(result.best)
+    assert meta["arch"] == "timm/resnet18"
+    assert export.run(result.best, "onnx", data_dir=synthetic_root, parity_images=8).passed

@@ -35,7 +35,7 @@ def validate_meta(meta: Any, source: str) -> dict[str, Any]:
         if key not in meta:
             raise fail(f"lacks '{key}'")
     arch = meta["arch"]
-    if not isinstance(arch, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", arch):
+    if not isinstance(arch, str) or not re.fullmatch(r"(timm/)?[a-z][a-z0-9_.]{0,95}", arch):
         raise fail(f"names architecture {arch!r}, not a torchvision model name")
     n = meta["num_classes"]
     if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_CLASSES:

@@ -98,8 +98,26 @@ def head_name(net: nn.Module) -> str:
     return names[-1]
 
 
+TIMM = "timm/"  # --arch timm/NAME: a timm model (pip install 'cifar10-resnet50[timm]')
+
+
+def _timm(arch: str) -> Any:
+    """The timm module for a ``timm/NAME`` architecture, or a one-line error."""
+    try:
+        import timm
+    except ImportError as e:
+        raise UserError(f"--arch {arch} needs timm: pip install 'cifar10-resnet50[timm]'") from e
+    if not timm.is_model(arch[len(TIMM) :]):
+        raise UserError(f"--arch {arch}: timm has no such model (timm.list_models() lists them)")
+    return timm
+
+
 def check_arch(arch: str) -> None:
-    """A torchvision classification model, or a one-line error listing the known ones."""
+    """A torchvision classification model (or ``timm/NAME`` with timm installed), or a
+    one-line error listing the known ones."""
+    if arch.startswith(TIMM):
+        _timm(arch)
+        return
     known = torchvision.models.list_models(module=torchvision.models)
     if arch not in known:
         import difflib
@@ -113,6 +131,11 @@ def check_arch(arch: str) -> None:
 
 
 def _network(arch: str, num_classes: int, image_size: int, zero_init: bool = False) -> nn.Module:
+    if arch.startswith(TIMM):
+        timm, name = _timm(arch), arch[len(TIMM) :]
+        fixed = timm.models.get_pretrained_cfg(name)
+        extra = {"img_size": image_size} if fixed and fixed.fixed_input_size else {}
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **extra)
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if arch.startswith("vit_"):  # its position embeddings are made for one input size
         kwargs["image_size"] = image_size
@@ -126,25 +149,33 @@ def _network(arch: str, num_classes: int, image_size: int, zero_init: bool = Fal
 RESNETS = ("resnet", "resnext", "wide_resnet")
 
 
-def _reference_state(arch: str) -> dict[str, torch.Tensor]:
-    """The architecture's parameter names and shapes, without allocating them."""
+def _reference(arch: str, image_size: int) -> nn.Module:
+    """The architecture with its own (1,000-class) head, on the meta device: names and
+    shapes without memory."""
     with torch.device("meta"):
-        return torchvision.models.get_model(arch).state_dict()
+        if arch.startswith(TIMM):
+            return _network(arch, 1000, image_size)
+        return torchvision.models.get_model(arch)
+
+
+def _reference_state(arch: str, image_size: int = 224) -> dict[str, torch.Tensor]:
+    return _reference(arch, image_size).state_dict()
 
 
 def _head_keys(arch: str) -> set[str]:
-    with torch.device("meta"):
-        name = head_name(torchvision.models.get_model(arch))
+    name = head_name(_reference(arch, 224))
     return {f"{name}.weight", f"{name}.bias"}
 
 
-def check_state_dict(state: Any, source: str, arch: str = "resnet50") -> dict[str, torch.Tensor]:
-    """Check a torchvision-format state dict of ``arch`` (its head may have any size); the
-    head's tensors are dropped."""
+def check_state_dict(
+    state: Any, source: str, arch: str = "resnet50", image_size: int = 224
+) -> dict[str, torch.Tensor]:
+    """Check a torchvision-format (or timm) state dict of ``arch`` (its head may have any
+    size); the head's tensors are dropped. A timm ViT's weights must be for ``image_size``."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{source}: expected a torchvision {arch} state dict (name → tensor)")
     head = _head_keys(arch)
-    ref = {k: v for k, v in _reference_state(arch).items() if k not in head}
+    ref = {k: v for k, v in _reference_state(arch, image_size).items() if k not in head}
     got = {k: v for k, v in state.items() if k not in head}
     missing = sorted(set(ref) - set(got))
     unexpected = sorted(set(got) - set(ref))
@@ -168,7 +199,9 @@ def check_state_dict(state: Any, source: str, arch: str = "resnet50") -> dict[st
     return got
 
 
-def load_weights_file(path: str | Path, arch: str = "resnet50") -> dict[str, torch.Tensor]:
+def load_weights_file(
+    path: str | Path, arch: str = "resnet50", image_size: int = 224
+) -> dict[str, torch.Tensor]:
     """A torchvision-format state dict from disk (or the backbone of one of our checkpoints),
     sha256-checked when its name carries a hash."""
     path = Path(path)
@@ -195,12 +228,12 @@ def load_weights_file(path: str | Path, arch: str = "resnet50") -> dict[str, tor
         # One of our checkpoints (a linear probe's best.pt, say): its backbone, so a fine-tune
         # can start from it; the head is new as always.
         state = {k[4:]: v for k, v in state["model"].items() if k.startswith("net.")}
-    return check_state_dict(state, f"--weights {path}", arch)
+    return check_state_dict(state, f"--weights {path}", arch, image_size)
 
 
 def _torchvision_weights(spec: str, arch: str = "resnet50") -> torchvision.models.WeightsEnum:
     """``imagenet``: the architecture's best torchvision weights (``DEFAULT``; for ResNet-50
-    IMAGENET1K_V2); ``imagenet-v1``: its first (IMAGENET1K_V1)."""
+    IMAGENET1K_V2); ``imagenet-v1``: its first (IMAGENET1K_V1). Not for timm models."""
     enum = torchvision.models.get_model_weights(arch)
     if spec == "imagenet":
         return enum.DEFAULT
@@ -212,7 +245,10 @@ def _torchvision_weights(spec: str, arch: str = "resnet50") -> torchvision.model
 def fetch_pretrained(
     spec: str, arch: str = "resnet50", progress: bool = True
 ) -> dict[str, torch.Tensor]:
-    """torchvision's hash-checked download (or its cache in $TORCH_HOME)."""
+    """torchvision's hash-checked download (or its cache in $TORCH_HOME); a timm model's
+    pretrained weights through timm (the Hugging Face hub, or its cache)."""
+    if arch.startswith(TIMM):
+        return _fetch_timm(spec, arch)
     weights = _torchvision_weights(spec, arch)
     try:
         state = weights.get_state_dict(progress=progress, check_hash=True)
@@ -226,16 +262,32 @@ def fetch_pretrained(
     return check_state_dict(state, str(weights), arch)
 
 
+def _fetch_timm(spec: str, arch: str) -> dict[str, torch.Tensor]:
+    if spec != "imagenet":
+        raise UserError(f"--weights {spec}: for {arch} use imagenet (timm's pretrained weights)")
+    timm = _timm(arch)
+    try:
+        net = timm.create_model(arch[len(TIMM) :], pretrained=True)
+    except Exception as e:  # no network, hub errors
+        raise UserError(
+            f"could not get timm's pretrained weights for {arch} ({type(e).__name__}: "
+            f"{first_line(e)}). Offline? Pass --weights PATH to its state dict, or --weights none"
+        ) from e
+    return check_state_dict(net.state_dict(), arch, arch)
+
+
 def describe_weights(spec: str, arch: str = "resnet50") -> str:
     if spec == "none":
         return "none (random init)"
+    if arch.startswith(TIMM) and spec == "imagenet":
+        return f"timm {arch[len(TIMM) :]} pretrained"
     if spec in ("imagenet", "imagenet-v1"):
         return f"torchvision {_torchvision_weights(spec, arch)}"
     return f"file {Path(spec).name}"
 
 
 def backbone_weights(
-    weights: str, arch: str = "resnet50", progress: bool = True
+    weights: str, arch: str = "resnet50", progress: bool = True, image_size: int = 224
 ) -> dict[str, torch.Tensor] | None:
     """The backbone's state dict for ``weights`` (downloaded or read and checked), or None for
     random init. Separate from :func:`build` so a run fails on missing weights in seconds,
@@ -245,7 +297,7 @@ def backbone_weights(
         return None
     if weights in ("imagenet", "imagenet-v1"):
         return fetch_pretrained(weights, arch, progress)
-    return load_weights_file(weights, arch)
+    return load_weights_file(weights, arch, image_size)
 
 
 def build(
@@ -260,8 +312,12 @@ def build(
     fetched ``backbone``) and a new ``num_classes`` head; never silently random."""
     net = _network(arch, num_classes, image_size, zero_init=weights == "none")
     if weights != "none":
-        state = backbone if backbone is not None else backbone_weights(weights, arch, progress)
-        if arch.startswith("vit_"):  # position embeddings of the weights' size → ours
+        state = (
+            backbone
+            if backbone is not None
+            else backbone_weights(weights, arch, progress, image_size)
+        )
+        if arch.startswith("vit_"):  # torchvision's position embeddings, their size → ours
             from torchvision.models.vision_transformer import interpolate_embeddings
 
             state = interpolate_embeddings(image_size, net.patch_size, dict(state))
@@ -278,8 +334,11 @@ def build(
 
 
 def preprocessing(arch: str, weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the weights' own transforms (torchvision's ``weights.transforms()``);
-    ImageNet's for random init or a file."""
+    """(mean, std) of the weights' own transforms (torchvision's ``weights.transforms()``,
+    timm's ``pretrained_cfg``); ImageNet's for a torchvision model's random init or file."""
+    if arch.startswith(TIMM):
+        cfg = _timm(arch).models.get_pretrained_cfg(arch[len(TIMM) :])
+        return tuple(cfg.mean), tuple(cfg.std)
     if weights in ("imagenet", "imagenet-v1"):
         t = _torchvision_weights(weights, arch).transforms()
         return tuple(t.mean), tuple(t.std)
@@ -291,6 +350,9 @@ def weights_facts(arch: str, weights: str) -> dict[str, Any]:
     resolution they were evaluated at), for the model's metadata; empty for others."""
     if weights not in ("imagenet", "imagenet-v1"):
         return {}
+    if arch.startswith(TIMM):
+        cfg = _timm(arch).models.get_pretrained_cfg(arch[len(TIMM) :])
+        return {"name": cfg.hf_hub_id, "input_size": list(cfg.input_size), "license": cfg.license}
     w = _torchvision_weights(weights, arch)
     t = w.transforms()
     return {

@@ -131,7 +131,10 @@ def _check_model(m: Any, t: Any) -> None:
         m.image_size is None or low <= m.image_size <= high,
         f"--image-size must be in {low}..{high}",
     )
-    check(bool(re.fullmatch(r"[a-z][a-z0-9_]*", m.arch)), f"--arch {m.arch!r}: not a model name")
+    check(
+        bool(re.fullmatch(r"(timm/)?[a-z][a-z0-9_.]*", m.arch)),
+        f"--arch {m.arch!r}: not a model name (torchvision's, or timm/NAME)",
+    )
     check(
         m.weights in WEIGHTS or Path(m.weights).expanduser().is_file(),
         f"--weights {m.weights!r}: not one of {', '.join(WEIGHTS)}, and no such file "
@@ -212,7 +215,9 @@ def step_batch(t: Any) -> int:
 def patch_size(arch: str) -> int | None:
     """A Vision Transformer's patch size (``vit_b_16`` → 16): its input size must be a
     multiple of it, and one size only (its position embeddings)."""
-    match = re.fullmatch(r"vit_[a-z]_(\d+)", arch)
+    match = re.fullmatch(r"vit_[a-z]_(\d+)", arch) or (
+        re.search(r"patch(\d+)", arch) if arch.startswith("timm/") else None  # timm's names
+    )
     return int(match.group(1)) if match else None
 
 

@@ -158,7 +158,9 @@ def run(
     out = Path(out_dir) if out_dir else Path(t.out or "runs") / "lr_find"
     torch.manual_seed(t.seed)
     data.check(cfg.data.source, cfg.data.data_dir)
-    backbone = model_lib.backbone_weights(cfg.model.weights, cfg.model.arch, t.progress)
+    backbone = model_lib.backbone_weights(
+        cfg.model.weights, cfg.model.arch, t.progress, cfg.model.image_size
+    )
     arrays = load_data(cfg, progress=t.progress)
     model = _model(cfg, len(arrays.classes), backbone, device)
     train_idx, _ = arrays.split(cfg.data.val_size, t.seed, cfg.data.subset)

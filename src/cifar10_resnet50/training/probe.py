@@ -81,6 +81,8 @@ def weights_identity(weights: str, seed: int, arch: str = "resnet50") -> str:
     file's sha256, or — from scratch — the seed and the torch version (random init)."""
     if weights == "none":
         return f"none-seed{seed}-torch{torch.__version__}"
+    if weights in ("imagenet", "imagenet-v1") and arch.startswith(model_lib.TIMM):
+        return f"timm-{arch[len(model_lib.TIMM) :]}-pretrained"
     if weights in ("imagenet", "imagenet-v1"):
         url = model_lib._torchvision_weights(weights, arch).url
         return f"torchvision-{url.rsplit('/', 1)[-1]}"

@@ -196,7 +196,9 @@ def build(
     torch.manual_seed(t.seed)
     # The weights first: without a network they fail in seconds, before any data work.
     with process.main_first(f"download of the weights and {data.label(cfg.data.source)}"):
-        backbone = model_lib.backbone_weights(cfg.model.weights, cfg.model.arch, t.progress)
+        backbone = model_lib.backbone_weights(
+            cfg.model.weights, cfg.model.arch, t.progress, cfg.model.image_size
+        )
         arrays = load_data(cfg, progress=t.progress and process.is_main)
     model = model_lib.build(
         cfg.model.weights, cfg.model.image_size, len(arrays.classes), backbone=backbone,
