@@ -481,6 +481,17 @@ def field_keys() -> dict[str, str]:
     }
 
 
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings dict as dotted keys: ``{"optim": {"lr": 0.1}}`` → ``{"optim.lr": 0.1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def with_settings(cfg: Config, settings: dict[str, Any]) -> Config:
     """``cfg`` with settings given by bare name or dotted key; unknown names are errors."""
     keys = field_keys()

@@ -12,7 +12,6 @@ started by ``train``, whose schedule is one plan.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ class Learner:
         """A fresh run of ``cfg`` (its epochs are set by each :meth:`fit`), in ``out``."""
         process = Process.from_env(cfg.train.device)
         device = process.device(cfg.train.device)
-        folder = Path(out or cfg.train.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        folder = trainer.run_folder(out or cfg.train.out)
         train_cfg = dataclasses.replace(cfg.train, out=str(folder), epochs=1)
         cfg = resolve(dataclasses.replace(cfg, train=train_cfg), device.type, process.world_size)
         t = trainer.build(cfg, folder, process)

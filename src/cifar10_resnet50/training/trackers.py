@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..config import flat
 from ..errors import UserError
 from .callbacks import Callback
 
@@ -26,17 +27,6 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = "cifar10-resnet50"
 ROW_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s")
-
-
-def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"optim": {"lr": 0.1}}`` → ``{"optim.lr": 0.1}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _import(name: str, extra: str) -> Any:

@@ -36,6 +36,7 @@ from ..config import (
     Config,
     TrainConfig,
     default_image_size,
+    flat,
     resolve,
     step_batch,
     uses_tensorboard,
@@ -186,7 +187,7 @@ def _settings(cfg: Config, resume: bool, process: Process) -> tuple[Config, Path
     """Resolved settings, run folder and the saved ``last.pt`` (when resuming)."""
     device = process.device(cfg.train.device)
     cfg = resolve(cfg, device.type, process.world_size, gpu_batch=_gpu_batch(cfg, device, process))
-    out = Path(cfg.train.out) if cfg.train.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    out = trainer.run_folder(cfg.train.out)
     if process.distributed and not cfg.train.out:
         # Every rank must agree on the folder; the minute may differ between them.
         raise UserError("with torchrun, pass --out RUN_DIR (every process must name one folder)")
@@ -372,21 +373,11 @@ def _final_evaluation(t: Trainer) -> evaluate.EvalReport:
     )
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resume_config(saved: dict[str, Any], requested: Config) -> list[str]:
     """Keys that differ between the saved and the requested config; error if any matters."""
     # A setting added since the run was saved counts as its default (what the run used).
-    a = {**_flatten(Config().to_dict()), **_flatten(saved)}
-    b = _flatten(requested.to_dict())
+    a = {**flat(Config().to_dict()), **flat(saved)}
+    b = flat(requested.to_dict())
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     blocking = [k for k in changed if k not in RESUMABLE_CHANGES]
     if blocking:

@@ -119,6 +119,11 @@ class Trainer:
             write_json(self.out / "config.json", cfg.to_dict())
 
 
+def run_folder(out: str | Path | None) -> Path:
+    """The run's folder: ``out``, or ``runs/<date-time>``."""
+    return Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
 def run_work(cfg: Config, steps: int, epoch: int = 0, batch: int = 0) -> list[Work]:
     """Each epoch's steps from (``epoch``, ``batch``) on, with its resolution (``--progressive``)
     and backbone state (``--strategy gradual``); none before ``--budget`` has planned them."""
