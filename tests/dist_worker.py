@@ -2,7 +2,7 @@
 records, per rank, the weights at each save and the loss of each step.
 
 Usage: torchrun --nproc-per-node N tests/dist_worker.py OUT DATA_ROOT BATCH [--sync-bn]
-       [--stop-after STEPS] [--nan-at STEP] [--budget DURATION]
+       [--stop-after STEPS] [--nan-at STEP] [--budget DURATION] [--accum-steps N] [--ema D]
 
 ``--budget`` plans the run with rank 1's clock running 3× as fast as rank 0's (so each rank
 measures different times) and records each rank's plan.
@@ -40,6 +40,8 @@ def main() -> None:
         nan_at = int(sys.argv[sys.argv.index("--nan-at") + 1])
 
     budget = sys.argv[sys.argv.index("--budget") + 1] if "--budget" in sys.argv else None
+    accum = int(sys.argv[sys.argv.index("--accum-steps") + 1]) if "--accum-steps" in sys.argv else 1
+    ema = float(sys.argv[sys.argv.index("--ema") + 1]) if "--ema" in sys.argv else 0.0
 
     class Recorder(Callback):
         def step_end(self, trainer, state, out):
@@ -54,6 +56,8 @@ def main() -> None:
 
         def epoch_end(self, trainer, state, row, val_logits):  # every rank's weights
             torch.save(trainer.model.state_dict(), out_dir.parent / f"{out_dir.name}.rank{rank}.pt")
+            evaluated = trainer.opt.evaluated(trainer.model).state_dict()  # the EMA's, with --ema
+            torch.save(evaluated, out_dir.parent / f"{out_dir.name}.rank{rank}.evaluated.pt")
 
     cfg = C.override(
         C.Config(),
@@ -69,6 +73,8 @@ def main() -> None:
             "train.progress": False,
             "train.tensorboard": False,
             "train.sync_bn": sync_bn,
+            "train.accum_steps": accum,
+            "train.ema": ema,
             # fp32: the equivalence tests compare 1 × 32 with 2 × 16, and bf16 matmuls round
             # differently at different batch shapes (±1e-3 in the loss after 3 steps).
             "train.precision": "fp32",

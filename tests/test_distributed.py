@@ -60,6 +60,24 @@ def test_two_processes_train_one_model_with_identical_weights(synthetic_root, tm
     assert "batch 16 × 2 process(es) = 32" in done.stderr
 
 
+def test_accumulation_and_ema_under_ddp_keep_every_rank_identical(synthetic_root, tmp_path):
+    """2 processes × 8 images × --accum-steps 2 (DDP all-reduces only each step's last chunk)
+    with --ema: both ranks end with the same weights and the same averaged weights (BatchNorm
+    statistics averaged over ranks for both), and last.pt holds rank 0's."""
+    out = tmp_path / "run"
+    done = _run(torchrun(WORKER, str(out), str(synthetic_root), "8", "--accum-steps", "2",
+                         "--ema", "0.9"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batch 8 × 2 accumulated × 2 process(es) = 32" in done.stderr
+    for name in ("run.rank{}.pt", "run.rank{}.evaluated.pt"):
+        r0, r1 = (torch.load(tmp_path / name.format(r), weights_only=True) for r in (0, 1))
+        assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0), name
+    saved = checkpoint.load(out / "last.pt")["train_state"]["ema"]
+    evaluated = torch.load(tmp_path / "run.rank0.evaluated.pt", weights_only=True)
+    assert saved["updates"] == 4  # 128 training images (--subset) / 32 per step
+    assert all(torch.equal(saved["weights"][k], evaluated[k]) for k in evaluated)
+
+
 def test_sync_bn_steps_match_one_process_at_the_same_global_batch(synthetic_root, tmp_path):
     """2 processes × 16 with --sync-bn see the same images, crops and statistics as one
     process × 32, so the losses agree up to float summation order (< 1e-4 here)."""
