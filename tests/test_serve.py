@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from cifar10_resnet50 import checkpoint
 from cifar10_resnet50.evaluation import evaluate
-from cifar10_resnet50.serving import inference, serve
-from cifar10_resnet50.serving.serve import ApiError, MicroBatcher
+from cifar10_resnet50.serving import batching, inference, serve
+from cifar10_resnet50.serving.batching import ApiError, MicroBatcher
 from cifar10_resnet50.serving.settings import ServeConfig
 from corpus import corpus
 
@@ -38,7 +38,7 @@ def client(tiny_checkpoint):
 def test_corpus_through_the_server_gets_the_right_status(client, name):
     payload, kind = corpus()[name]
     r = client.post("/predict", files={"file": (name, payload, "application/octet-stream")})
-    expected = 200 if kind is None else serve.STATUS_FOR_KIND[kind]
+    expected = 200 if kind is None else batching.STATUS_FOR_KIND[kind]
     assert r.status_code == expected, r.text
     if kind is None:
         top = r.json()["predictions"][0]["top"]
@@ -256,10 +256,10 @@ def test_decoding_is_granted_in_arrival_order_so_a_good_request_never_waits_out_
 
     monkeypatch.setattr(images, "decode", decode)
     monkeypatch.setattr(images, "header_pixels", lambda data, limit: 1)
-    decoder = serve.Decoder(ServeConfig(decode_workers=1))
+    decoder = batching.Decoder(ServeConfig(decode_workers=1))
 
     async def main():
-        deadline = serve.Deadline(60)
+        deadline = batching.Deadline(60)
         hostile = asyncio.create_task(
             decoder.decode([(f"h{i}", b"") for i in range(5)], 32, deadline)
         )
