@@ -20,6 +20,7 @@ from typing import Any
 
 from .declare import flags, setting
 from .errors import UserError
+from .options import data_dir_setting, device_setting, test_images_setting
 from .rules import (  # noqa: F401 (re-exported: config.resolve, config.STRATEGIES, ...)
     AUGMENT_POLICIES,
     CLASS_WEIGHTS,
@@ -41,33 +42,6 @@ from .rules import (  # noqa: F401 (re-exported: config.resolve, config.STRATEGI
     uses_tensorboard,
     validate,
 )
-
-
-def device_setting(default: str = "auto") -> Any:
-    """``--device``, for every command that runs a model (the choices: :data:`DEVICES`)."""
-    return setting(default, "--device", "auto: cuda if available", choices=DEVICES)
-
-
-def data_dir_setting() -> Any:
-    """``--data-dir``, for every command that reads CIFAR-10."""
-    return setting(
-        None,
-        "--data-dir",
-        "folder holding cifar-10-batches-py/ (default $CIFAR10_DATA_DIR, else the user cache)",
-        metavar="DIR",
-    )
-
-
-def test_images_setting() -> Any:
-    """``--test-images``, for the training run's test report and ``evaluate``."""
-    return setting(
-        None,
-        "--test-images",
-        "test report on N stratified test images (default: all). For quick checks only: "
-        "figures on a subset are not comparable with published ones",
-        low=1,
-        metavar="N",
-    )
 
 
 @dataclass(frozen=True)
@@ -506,16 +480,3 @@ def with_settings(cfg: Config, settings: dict[str, Any]) -> Config:
             raise UserError(f"unknown setting {name!r}{hint} (settings: {', '.join(keys)})")
         dotted[key] = value
     return override(cfg, dotted)
-
-
-def flags_markdown() -> str:
-    """The README's `train` flags table, generated from the declarations above (a test keeps
-    the README equal to it: ``python -c "from cifar10_resnet50.config import flags_markdown;
-    print(flags_markdown())"`` regenerates it)."""
-    lines = ["| flag | key | meaning |", "|---|---|---|"]
-    for flag, key, kwargs in train_flags():
-        text = kwargs["help"].replace("|", "\\|")
-        if "choices" in kwargs:
-            flag += " " + "\\|".join(kwargs["choices"])
-        lines.append(f"| `{flag}` | `{key}` | {text} |")
-    return "\n".join(lines)

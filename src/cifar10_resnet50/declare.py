@@ -47,3 +47,14 @@ def flags(kind: type, prefix: str = "") -> list[tuple[str, str, dict[str, Any]]]
                 )
         flags.append((flag, f"{prefix}{f.name}", kwargs))
     return flags
+
+
+def markdown_table(declared: list[tuple[str, str, dict[str, Any]]]) -> str:
+    """A README table of :func:`flags`' output: flag (with its choices), key, help text."""
+    lines = ["| flag | key | meaning |", "|---|---|---|"]
+    for flag, key, kwargs in declared:
+        text = kwargs["help"].replace("|", "\\|")
+        if "choices" in kwargs:
+            flag += " " + "\\|".join(kwargs["choices"])
+        lines.append(f"| `{flag}` | `{key}` | {text} |")
+    return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The options of commands whose code needs torch at import (``lr-find``'s sweep, the ``data``
+"""Settings several commands share (``--device``, ``--data-dir``, ``--test-images``), and the
+options of commands whose code needs torch at import (``lr-find``'s sweep, the ``data``
 command's), declared here so that ``--help`` and the flags' checks need none. Training's
 settings are ``config``'s; the model commands' are ``serving.settings``'; evaluate's and
 compare's ``evaluation.settings``'."""
@@ -6,8 +7,37 @@ compare's ``evaluation.settings``'."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .declare import setting
+from .rules import DEVICES
+
+
+def device_setting(default: str = "auto") -> Any:
+    """``--device``, for every command that runs a model (the choices: :data:`DEVICES`)."""
+    return setting(default, "--device", "auto: cuda if available", choices=DEVICES)
+
+
+def data_dir_setting() -> Any:
+    """``--data-dir``, for every command that reads CIFAR-10."""
+    return setting(
+        None,
+        "--data-dir",
+        "folder holding cifar-10-batches-py/ (default $CIFAR10_DATA_DIR, else the user cache)",
+        metavar="DIR",
+    )
+
+
+def test_images_setting() -> Any:
+    """``--test-images``, for the training run's test report and ``evaluate``."""
+    return setting(
+        None,
+        "--test-images",
+        "test report on N stratified test images (default: all). For quick checks only: "
+        "figures on a subset are not comparable with published ones",
+        low=1,
+        metavar="N",
+    )
 
 
 @dataclass(frozen=True)
