@@ -211,22 +211,12 @@ def run(
     the test set of the data it was trained on (or ``data_source``) and write the reports (see
     :func:`evaluate_model`); with
     ``corruptions``, also the CIFAR-10-C sweep (``robustness.json``, ``robustness.png``)."""
-    from ..serving import inference
-
     model_path = resolve_model(model_path)
     dev = pick_device(device)
-    amp = pick_precision(precision, dev)
     # The model first: a wrong path (a folder, an image) must not leave an empty eval/ behind.
-    kind = None  # the precision column: the autocast dtype for checkpoints
-    if inference.detect_backend(model_path) == "torch":
-        model, meta = checkpoint.load_model(model_path, dev)
-        model = model.to(memory_format=torch.channels_last)
-    else:  # an export: its own runner, probabilities → log-probabilities as logits
-        if tta_flip:
-            raise UserError("--tta works on checkpoints; exports are evaluated as they are")
-        predictor = inference.load(model_path, allow_code=allow_code, batch_size=batch_size)
-        model, meta, amp = _ExportModel(predictor), predictor.meta, None
-        kind = f"{inference.detect_backend(model_path)} {meta.get('precision', 'fp32')}"
+    model, meta, amp, kind = _load(
+        model_path, dev, pick_precision(precision, dev), tta_flip, allow_code, batch_size
+    )
     # With TTA, its own folder: the report without it (training's) is kept to compare with.
     out = Path(out_dir) if out_dir else model_path.parent / ("eval-tta" if tta_flip else "eval")
     if (out / "metrics.json").exists():
@@ -251,6 +241,29 @@ def run(
         )  # fmt: skip
         report = dataclasses.replace(report, robustness=sweep)
     return report
+
+
+def _load(
+    model_path: Path,
+    dev: torch.device,
+    amp: torch.dtype | None,
+    tta_flip: bool,
+    allow_code: bool,
+    batch_size: int,
+) -> tuple[torch.nn.Module, dict[str, Any], torch.dtype | None, str | None]:
+    """(model, meta, autocast dtype, precision column) of a checkpoint or an export. The
+    column is None for checkpoints (their autocast dtype names it)."""
+    from ..serving import inference
+
+    if inference.detect_backend(model_path) == "torch":
+        model, meta = checkpoint.load_model(model_path, dev)
+        return model.to(memory_format=torch.channels_last), meta, amp, None
+    # An export: its own runner, probabilities → log-probabilities as logits.
+    if tta_flip:
+        raise UserError("--tta works on checkpoints; exports are evaluated as they are")
+    predictor = inference.load(model_path, allow_code=allow_code, batch_size=batch_size)
+    kind = f"{inference.detect_backend(model_path)} {predictor.meta.get('precision', 'fp32')}"
+    return _ExportModel(predictor), predictor.meta, None, kind
 
 
 class _ExportModel(torch.nn.Module):

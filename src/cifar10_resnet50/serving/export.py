@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,32 @@ def _quantize_int8(
     write_bytes(out, proto.SerializeToString())
 
 
+def _parity(
+    wrapper: torch.nn.Module,
+    exported: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    source: str,
+) -> Parity:
+    """The export against the eager fp32 model on the same uint8 images [N,3,S,S]."""
+
+    @torch.no_grad()
+    def eager(batch: np.ndarray) -> np.ndarray:
+        return wrapper(torch.from_numpy(batch)).numpy()
+
+    p_eager, p_export = _batched(eager, images), _batched(exported, images)
+    parity = Parity(
+        images=len(images),
+        source=source,
+        top1_agreement=float((p_eager.argmax(1) == p_export.argmax(1)).mean()),
+        max_abs_diff=float(np.abs(p_eager - p_export).max()),
+    )
+    if labels is not None:
+        parity.accuracy_eager = float((p_eager.argmax(1) == labels).mean())
+        parity.accuracy_export = float((p_export.argmax(1) == labels).mean())
+    return parity
+
+
 def run(
     checkpoint_path: str | Path,
     fmt: str,
@@ -271,28 +298,12 @@ def run(
             calibration = _train_images(meta, data_dir, calibration_images)
             _quantize_int8(scratch / "fp32.onnx", out_path, calibration, export_meta)
 
-    # ---- parity against the eager fp32 model
     if parity_images is None:
         parity_images = 0 if int8 else 1000  # 0 = all
     images, labels, source = _reference_images(meta, data_dir, parity_images)
-
-    @torch.no_grad()
-    def eager(batch: np.ndarray) -> np.ndarray:
-        return wrapper(torch.from_numpy(batch)).numpy()
-
     # allow_code: the TorchScript file is the one we have just written.
     exported = inference.load(out_path, backend=fmt, batch_size=64, allow_code=True)
-    p_eager = _batched(eager, images)
-    p_export = _batched(exported.run, images)
-    parity = Parity(
-        images=len(images),
-        source=source,
-        top1_agreement=float((p_eager.argmax(1) == p_export.argmax(1)).mean()),
-        max_abs_diff=float(np.abs(p_eager - p_export).max()),
-    )
-    if labels is not None:
-        parity.accuracy_eager = float((p_eager.argmax(1) == labels).mean())
-        parity.accuracy_export = float((p_export.argmax(1) == labels).mean())
+    parity = _parity(wrapper, exported.run, images, labels, source)
     speed = {}
     if fp32_bytes is not None:
         with temp_dir_beside(out_path) as scratch:

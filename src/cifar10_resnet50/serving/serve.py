@@ -234,6 +234,13 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
         rows = zip(files, decoded, predictor.top_k(probs, k), strict=True)
         return {"predictions": [_prediction(name, d, top) for (name, _), d, top in rows]}
 
+    _add_info_routes(app, model, registry, m)
+    return app
+
+
+def _add_info_routes(app: FastAPI, model: _Model, registry: Any, m: dict[str, Any]) -> None:
+    """The routes that only describe the server: liveness, readiness, labels, metrics, page."""
+
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz():
         return {"status": "ok"}
@@ -263,8 +270,6 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServeConfig | 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     async def page():
         return resources.files(__package__).joinpath("static/index.html").read_text("utf-8")
-
-    return app
 
 
 def _prediction(name: str, d: images_lib.Decoded, top: list[tuple[str, float]]) -> dict:
