@@ -119,6 +119,31 @@ def test_every_command_runs_on_a_non_resnet_model(convnext_run, synthetic_root, 
         assert r.status_code == 200 and len(r.json()["predictions"][0]["top"]) == 5
 
 
+def test_int8_quantizes_convnext_linear_layers_and_falls_back_when_agreement_drops(
+    convnext_run, synthetic_root, tmp_path, monkeypatch, caplog
+):
+    """ConvNeXt's linear layers are MatMuls by a weight: quantized first; when the result
+    misses the agreement bar (here: an impossible one), quantized again with Conv and Gemm
+    only, said in a warning, and the report says which file it kept."""
+    tried = []
+    quantize = export._quantize_int8
+
+    def spy(*args, **kwargs):
+        tried.append(quantize(*args, **kwargs))
+        return tried[-1]
+
+    monkeypatch.setattr(export, "_quantize_int8", spy)
+    monkeypatch.setattr(export, "INT8_AGREEMENT", 1.01)
+    report = export.run(convnext_run.best, "onnx", int8=True, data_dir=synthetic_root,
+                        out=tmp_path / "m.int8.onnx", parity_images=50, calibration_images=32)  # fmt: skip
+    assert [ops for ops, _ in tried] == ["Conv, Gemm, MatMul by a weight", "Conv, Gemm"]
+    assert tried[0][1] == 36  # 18 blocks × 2 linear layers
+    assert "quantizing Conv and Gemm only" in caplog.text
+    assert not report.passed and report.quantized == "Conv, Gemm"
+    assert inference.load(report.path).meta["int8_ops"] == "Conv, Gemm"
+    assert "FAILED (the bar: 101% top-1 agreement)" in report.table()
+
+
 def test_linear_probe_and_lr_find_run_on_a_vision_transformer(synthetic_root, tmp_path):
     """The probe's features are what the head takes, for any architecture (768 for ViT-B),
     cached under a key that names the architecture."""

@@ -77,6 +77,60 @@ def test_int8_export_reports_accuracy_and_speed(tiny_checkpoint, synthetic_root,
     assert report.parity.accuracy_export is not None and 0 <= report.parity.top1_agreement <= 1
     quantized = [n for n in onnx.load(str(report.path)).graph.node if n.op_type == "QuantizeLinear"]
     assert quantized  # really int8
+    assert report.quantized == predictor.meta["int8_ops"] == "Conv, Gemm"  # ResNet: no MatMul
+
+
+class _Attention(torch.nn.Module):
+    """A transformer block in miniature: uint8 images [B,3,4,4] → 16 tokens of 3 values,
+    linear layers on tokens (exported as MatMul by a weight) and attention's two MatMuls of
+    activations (Q·Kᵀ, A·V)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = (torch.nn.Linear(3, 8) for _ in range(3))
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = images.float().flatten(2).transpose(1, 2) / 255  # [B,16,3]
+        q, k, v = self.q(tokens), self.k(tokens), self.v(tokens)  # [B,16,8]
+        attention = torch.softmax(q @ k.transpose(1, 2), -1)  # [B,16,16]
+        return torch.softmax(self.head((attention @ v).mean(1)), -1)  # [B,10]
+
+
+def _matmul_inputs(path) -> list[tuple[bool, bool]]:
+    """Each MatMul node of an ONNX file → (by a weight: an input is a stored tensor, int8 or
+    not; quantized: an input is dequantized int8)."""
+    graph = onnx.load(str(path)).graph
+    stored = {t.name for t in graph.initializer}
+    made_by = {out: n for n in graph.node for out in n.output}
+
+    def dequantized(x: str) -> bool:
+        return x in made_by and made_by[x].op_type == "DequantizeLinear"
+
+    def weight(x: str) -> bool:
+        return x in stored or (dequantized(x) and made_by[x].input[0] in stored)
+
+    return [
+        (any(weight(x) for x in n.input), any(dequantized(x) for x in n.input))
+        for n in graph.node
+        if n.op_type == "MatMul"
+    ]
+
+
+@pytest.mark.parametrize("matmuls", [True, False])
+def test_int8_quantizes_linear_layers_but_never_attentions_products(tmp_path, matmuls):
+    fp32 = tmp_path / "fp32.onnx"
+    fp32.write_bytes(export._onnx_proto(_Attention().eval(), {"input_size": 4}).SerializeToString())
+    calibration = np.random.default_rng(0).integers(0, 256, (64, 3, 4, 4), dtype=np.uint8)
+    ops, count = export._quantize_int8(fp32, tmp_path / "q.onnx", calibration, {}, matmuls)
+    found = _matmul_inputs(tmp_path / "q.onnx")
+    by_weight = [quantized for weight, quantized in found if weight]
+    by_activation = [quantized for weight, quantized in found if not weight]
+    assert len(by_weight) == 3 and len(by_activation) == 2  # q, k, v (head: Gemm); Q·Kᵀ, A·V
+    assert not any(by_activation)  # attention stays fp32
+    assert all(quantized == matmuls for quantized in by_weight)
+    assert (ops, count) == (("Conv, Gemm, MatMul by a weight", 3) if matmuls else ("Conv, Gemm", 0))
 
 
 def test_failed_parity_makes_the_cli_exit_1(
