@@ -98,3 +98,29 @@ def test_a_list_trains_and_its_checkpoint_finds_the_same_test_set(listed, tmp_pa
     assert meta["data"]["source"] == f"csv:{listed.resolve()}"
     assert meta["classes"] == ["airplane", "automobile", "bird"]
     assert result.test is not None and result.test.metrics["count"] == len(again.test_y)
+
+
+def test_a_dataframe_is_a_list_too_written_once_with_absolute_paths(listed, monkeypatch):
+    """``api.train(source=frame)``: a pandas DataFrame with the CSV's columns becomes a ``csv:``
+    list in the user cache (named by its content, paths made absolute), so the run, its resume
+    and ``evaluate`` read the same images as from the CSV file itself."""
+    pd = pytest.importorskip("pandas")
+    from cifar10_resnet50 import api
+
+    monkeypatch.chdir(listed.parent)  # relative paths start at the current directory
+    frame = pd.read_csv(listed, keep_default_na=False)
+    cfg = api._config(None, {"source": frame, "epochs": 1})
+    file = Path(table.parse(cfg.data.source))
+    assert file.parent.name == "tables" and file.is_file()
+    assert api._config(None, {"data.source": frame.copy()}).data.source == cfg.data.source
+    assert all(Path(row.split(",")[0]).is_absolute() for row in file.read_text().splitlines()[1:])
+    from_frame, _ = table.load(file, store_size=STORE, progress=False)
+    from_csv, _ = table.load(listed, store_size=STORE, progress=False)
+    assert from_frame.classes == from_csv.classes
+    assert [Path(f).name for f in from_frame.train_files] == [
+        Path(f).name for f in from_csv.train_files
+    ]
+    assert torch.equal(from_frame.train_x, from_csv.train_x)
+    assert torch.equal(from_frame.test_y, from_csv.test_y)
+    with pytest.raises(UserError, match="no label column in the header"):
+        api._config(None, {"source": frame.rename(columns={"Label": "kind"})})

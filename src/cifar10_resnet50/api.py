@@ -17,6 +17,8 @@ learn.evaluate(); learn.save("model.pt")
 
 Settings are the config's fields by name (``lr``, ``epochs``, ``weights``; see
 ``config.py`` or ``cifar10-resnet50 train --help``), or a whole :class:`Config` / config file.
+The data ``source`` may also be a pandas DataFrame with a path and a label column (and
+optionally a split column), as in a ``csv:`` list: ``api.train(source=frame, epochs=3)``.
 Errors are :class:`~cifar10_resnet50.errors.UserError` with the same one-line messages as the
 CLI.
 """
@@ -36,6 +38,13 @@ from .options import LrFindOptions
 
 
 def _config(config: Config | str | Path | None, settings: dict[str, Any]) -> Config:
+    for key in ("source", "data.source"):
+        if hasattr(settings.get(key), "itertuples"):  # a pandas DataFrame: path, label columns
+            from .data import cache, table
+
+            frame = settings[key]
+            tables = cache.user_cache_dir() / "tables"
+            settings = {**settings, key: table.from_frame(frame, tables)}
     if config is None:
         base = Config()
     elif isinstance(config, Config):

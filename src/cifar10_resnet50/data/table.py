@@ -9,14 +9,22 @@ Column names: the path is ``path``, ``file``, ``filename``, ``image`` or ``filep
 ``val`` or ``test`` per row (without it a test split is held out, as for a folder). After
 reading the rows everything is the folder source's (:func:`folder.load_scanned`): the same
 decoding, cache, report of every row left out and why, splits and ``--strict``.
+
+From Python, a pandas DataFrame with the same columns works too (``api.train(source=frame)``,
+fastai's ``from_df``): :func:`from_frame` writes it as such a CSV, once per content.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
+from ..fileio import write_bytes
 from ..images import printable
 from . import folder
 from .dataset import Arrays
@@ -128,3 +136,28 @@ def load(
         root, scan(file, root), PREFIX + str(file), store_size=store_size, test_size=test_size,
         strict=strict, workers=None, progress=progress, cache_dir=cache_dir,
     )  # fmt: skip
+
+
+def from_frame(frame: Any, folder: Path) -> str:
+    """A DataFrame of labelled images (the columns a CSV list has: path, label, optional
+    split) as a ``csv:`` source: written to ``folder`` under a name taken from its content,
+    image paths made absolute (relative ones start at the current directory), so that a
+    resume, ``evaluate`` and the model's metadata find the same list later."""
+    header = [str(c) for c in frame.columns]
+    where = Path("the DataFrame")
+    path_col = _column(header, PATH_COLUMNS, "path", where)
+    _column(header, LABEL_COLUMNS, "label", where)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    for row in frame.itertuples(index=False, name=None):
+        cells = ["" if cell is None else str(cell) for cell in row]
+        if cells[path_col].strip():
+            cells[path_col] = os.path.abspath(os.path.expanduser(cells[path_col].strip()))
+        writer.writerow(cells)
+    data = text.getvalue().encode("utf-8")
+    file = folder / f"frame-{hashlib.sha256(data).hexdigest()[:16]}.csv"
+    if not file.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        write_bytes(file, data)
+    return PREFIX + str(file)
