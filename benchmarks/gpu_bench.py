@@ -25,7 +25,8 @@ Rows, each printed the moment it is measured and appended to ``$OUT/gpu_check.js
 About 6 minutes on an H100 (``--quick``: rows 1, 2, 4 at batch 512 only, ~3 minutes;
 ``--full-recipe`` adds the 10-epoch default's whole command, ~1.5 minutes more).
 ``--smoke`` runs every row at tiny sizes on any device: the test suite runs it on the CPU, so
-this script cannot rot between GPU loans. ``--weights none`` throughout (no network there;
+this script cannot rot between GPU loans (the compiled rows only with ``--compile-on-cpu``:
+``scripts/rehearse_device.sh`` runs both with the GPU image's torch and packages). ``--weights none`` throughout (no network there;
 throughput does not depend on the weights).
 """
 
