@@ -191,3 +191,23 @@ def test_a_timm_model_trains_and_exports_with_parity(synthetic_root, tmp_path):
     _, meta = checkpoint.load_model(result.best)
     assert meta["arch"] == "timm/resnet18"
     assert export.run(result.best, "onnx", data_dir=synthetic_root, parity_images=8).passed
+
+
+def test_a_timm_vit_weights_file_for_224_px_loads_at_our_size(tmp_path):
+    """A timm ViT's weights are usually for 224 px (a 14×14 grid of patches); at 32 px the grid
+    is 2×2: the position embeddings are resampled by timm's own function, as
+    ``timm.create_model(pretrained=True, img_size=...)`` does, every other tensor is loaded
+    as it is."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224")  # 224 px
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(reference.state_dict(), path)
+    model = model_lib.build(str(path), 32, 10, arch="timm/vit_tiny_patch16_224")
+    got, ref = model.net.state_dict(), reference.state_dict()
+    assert got["pos_embed"].shape == (1, 1 + 2 * 2, 192) != ref["pos_embed"].shape
+    assert torch.equal(got["pos_embed"], resample_abs_pos_embed(ref["pos_embed"], (2, 2)))
+    same = [k for k in ref if not k.startswith(("head.", "pos_embed"))]
+    assert same and all(torch.equal(got[k], ref[k]) for k in same)

@@ -171,7 +171,8 @@ def check_state_dict(
     state: Any, source: str, arch: str = "resnet50", image_size: int = 224
 ) -> dict[str, torch.Tensor]:
     """Check a torchvision-format (or timm) state dict of ``arch`` (its head may have any
-    size); the head's tensors are dropped. A timm ViT's weights must be for ``image_size``."""
+    size); the head's tensors are dropped. Position embeddings may be for another input size:
+    :func:`build` resizes them."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{source}: expected a torchvision {arch} state dict (name → tensor)")
     head = _head_keys(arch)
@@ -192,7 +193,7 @@ def check_state_dict(
     bad = [
         f"{k}: {tuple(got[k].shape)} != {tuple(ref[k].shape)}"
         for k in ref
-        if got[k].shape != ref[k].shape and not k.endswith("pos_embedding")  # resized later
+        if got[k].shape != ref[k].shape and not k.endswith(("pos_embedding", "pos_embed"))
     ]
     if bad:
         raise UserError(f"{source}: tensor shapes differ from {arch}: {'; '.join(bad[:3])}")
@@ -321,6 +322,8 @@ def build(
             from torchvision.models.vision_transformer import interpolate_embeddings
 
             state = interpolate_embeddings(image_size, net.patch_size, dict(state))
+        elif arch.startswith(TIMM):
+            state = _timm_adapt(net, state)
         result = net.load_state_dict(state, strict=False)
         # Only the new head may be left out; check_state_dict guarantees the rest matched.
         head = {f"{head_name(net)}.weight", f"{head_name(net)}.bias"}
@@ -331,6 +334,17 @@ def build(
     nn.init.zeros_(model.head.weight)
     nn.init.zeros_(model.head.bias)
     return model
+
+
+def _timm_adapt(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's own adaptation of weights to this model, where the model's family has one
+    (``checkpoint_filter_fn``: a ViT's position embeddings resampled from the weights' grid,
+    e.g. 14×14 at 224 px, to ours, 4×4 at 64 px), as ``timm.create_model`` does for its
+    pretrained weights."""
+    import sys
+
+    adapt = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
+    return adapt(dict(state), net) if adapt is not None else state
 
 
 def preprocessing(arch: str, weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
