@@ -18,7 +18,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from architectures import timed  # noqa: E402
 from cifar10_resnet50 import checkpoint  # noqa: E402
 from cifar10_resnet50 import model as model_lib  # noqa: E402
 from cifar10_resnet50.data import cifar10  # noqa: E402
@@ -48,13 +49,7 @@ def make_checkpoint(arch: str, folder: Path) -> Path:
 
 
 def rate(run, x: np.ndarray) -> float:
-    run(x)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t0)
-    return len(x) / statistics.median(times)
+    return len(x) / timed(lambda: run(x), 5)
 
 
 def main() -> None:

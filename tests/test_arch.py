@@ -5,8 +5,6 @@ architecture's torchvision format are written by the tests."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torchvision
@@ -20,6 +18,7 @@ from cifar10_resnet50.evaluation import evaluate
 from cifar10_resnet50.serving import export, inference, predict, serve
 from cifar10_resnet50.serving.settings import ServeConfig
 from cifar10_resnet50.training import lr_find, train
+from test_serve import wait_ready
 from test_train import tiny
 
 ARCHS = [
@@ -111,10 +110,7 @@ def test_every_command_runs_on_a_non_resnet_model(convnext_run, synthetic_root, 
         assert export.run(convnext_run.best, fmt, data_dir=synthetic_root, parity_images=8).passed
     app = serve.create_app(lambda: inference.load(convnext_run.best), ServeConfig())
     with TestClient(app) as client:
-        for _ in range(600):
-            if client.get("/readyz").status_code == 200:
-                break
-            time.sleep(0.05)
+        wait_ready(client)
         r = client.post("/predict", files={"file": ("a.png", image.read_bytes(), "image/png")})
         assert r.status_code == 200 and len(r.json()["predictions"][0]["top"]) == 5
 

@@ -26,6 +26,7 @@ from cifar10_resnet50.serving import export, inference, predict, serve
 from cifar10_resnet50.serving.settings import ServeConfig
 from cifar10_resnet50.training import train
 from corpus import huge_header_png
+from test_serve import wait_ready
 
 CLASSES = ("airplane", "automobile", "bird")
 PER_CLASS = 24
@@ -287,12 +288,7 @@ def test_predict_export_and_serve_use_the_folder_classes_and_size(folder_run, im
 
     app = serve.create_app(lambda: inference.load(folder_run.best), ServeConfig())
     with TestClient(app) as client:
-        for _ in range(600):
-            if client.get("/readyz").status_code == 200:
-                break
-            import time
-
-            time.sleep(0.05)
+        wait_ready(client)
         assert client.get("/labels").json() == {"labels": list(CLASSES)}
         assert client.get("/readyz").json()["input_size"] == STORE
         r = client.post("/predict", files={"file": ("b.jpg", image.read_bytes(), "image/jpeg")})

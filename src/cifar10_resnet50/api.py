@@ -38,13 +38,13 @@ from .options import LrFindOptions
 
 
 def _config(config: Config | str | Path | None, settings: dict[str, Any]) -> Config:
-    for key in ("source", "data.source"):
-        if hasattr(settings.get(key), "itertuples"):  # a pandas DataFrame: path, label columns
-            from .data import cache, table
+    frames = {k: v for k, v in settings.items() if k in ("source", "data.source")
+              and hasattr(v, "itertuples")}  # a pandas DataFrame: path, label columns  # fmt: skip
+    if frames:
+        from .data import cache, table
 
-            frame = settings[key]
-            tables = cache.user_cache_dir() / "tables"
-            settings = {**settings, key: table.from_frame(frame, tables)}
+        tables = cache.user_cache_dir() / "tables"
+        settings = {**settings, **{k: table.from_frame(v, tables) for k, v in frames.items()}}
     if config is None:
         base = Config()
     elif isinstance(config, Config):

@@ -215,12 +215,13 @@ def _quantize_int8(
     fp32_path: Path, out: Path, calibration: np.ndarray, meta: dict[str, Any], matmuls: bool
 ) -> tuple[str, int]:
     """ONNX Runtime static quantization (QDQ, per-channel int8 weights, uint8 activations),
-    calibrated on training images; returns which layers it quantized and how many MatMuls. Only layers with
-    weights are quantized: Conv, Gemm, and (``matmuls``) MatMul by a weight — a transformer's
-    or ConvNeXt's linear layers, exported as MatMul: ViT-B/16 from 1.04× to 2.9–3.0× fp32's
-    speed, ConvNeXt-T from 1.03× to 1.6× (benchmarks/int8_architectures.py, two runs). Preprocessing, softmax and
-    attention's activation-by-activation MatMuls stay fp32: those have no weight to quantize
-    per channel, and their calibrated ranges are what static quantization handles worst."""
+    calibrated on training images; returns which layers it quantized and how many MatMuls.
+    Only layers with weights are quantized: Conv, Gemm, and (``matmuls``) MatMul by a weight,
+    a transformer's or ConvNeXt's linear layers: ViT-B/16 from 1.04× to 2.9–3.0× fp32's speed,
+    ConvNeXt-T from 1.03× to 1.6× (benchmarks/int8_architectures.py, two runs). Preprocessing,
+    softmax and attention's activation-by-activation MatMuls stay fp32: those have no weight
+    to quantize per channel, and their calibrated ranges are what static quantization handles
+    worst."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -267,20 +268,26 @@ def _quantize_int8(
     return ops, len(by_weight) if matmuls else 0
 
 
+def _eager(wrapper: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    """The eager fp32 model's probabilities [N,C] for uint8 images [N,3,S,S]: the reference
+    every export is checked against (computed once, even when int8 quantizes twice)."""
+
+    @torch.no_grad()
+    def run(batch: np.ndarray) -> np.ndarray:
+        return wrapper(torch.from_numpy(batch)).numpy()
+
+    return _batched(run, images)
+
+
 def _parity(
-    wrapper: torch.nn.Module,
+    p_eager: np.ndarray,
     exported: Callable[[np.ndarray], np.ndarray],
     images: np.ndarray,
     labels: np.ndarray | None,
     source: str,
 ) -> Parity:
-    """The export against the eager fp32 model on the same uint8 images [N,3,S,S]."""
-
-    @torch.no_grad()
-    def eager(batch: np.ndarray) -> np.ndarray:
-        return wrapper(torch.from_numpy(batch)).numpy()
-
-    p_eager, p_export = _batched(eager, images), _batched(exported, images)
+    """The export against the eager model's probabilities on the same images."""
+    p_export = _batched(exported, images)
     parity = Parity(
         images=len(images),
         source=source,
@@ -330,7 +337,7 @@ def run(
         _write_onnx(wrapper, export_meta, out_path)
     # allow_code: the TorchScript file is the one we have just written.
     exported = inference.load(out_path, backend=fmt, batch_size=64, allow_code=True)
-    parity = _parity(wrapper, exported.run, *reference)
+    parity = _parity(_eager(wrapper, reference[0]), exported.run, *reference)
     return ExportReport(out_path, fmt, False, parity, parity.ok(PROB_TOLERANCE), {})
 
 
@@ -345,13 +352,14 @@ def _export_int8(
     quantizing the MatMuls costs too much agreement, it quantizes again without them (a
     warning says so): a slower file that passes beats a faster one that does not."""
     images = reference[0]
+    p_eager = _eager(wrapper, images)
     with temp_dir_beside(out) as scratch:
         fp32_path = scratch / "fp32.onnx"
         fp32_path.write_bytes(_onnx_proto(wrapper, meta).SerializeToString())
         for matmuls in (True, False):
             ops, quantized = _quantize_int8(fp32_path, out, calibration, meta, matmuls)
             exported = inference.load(out, backend="onnx", batch_size=64)
-            parity = _parity(wrapper, exported.run, *reference)
+            parity = _parity(p_eager, exported.run, *reference)
             passed = parity.top1_agreement >= INT8_AGREEMENT
             if passed or not quantized:
                 break
